@@ -1,0 +1,3 @@
+"""alignprop: reward backpropagation (AlignProp) for text-to-image diffusion models."""
+
+__version__ = "0.1.0"

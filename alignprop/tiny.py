@@ -1,0 +1,149 @@
+"""A tiny, deterministic, random-weight Stable Diffusion for tests and the CPU demo.
+
+Every component is the real diffusers/transformers class, built from a small config with a fixed seed,
+written to disk with `save_pretrained` and then loaded by `alignprop.models.load_pipeline` exactly like a
+downloaded checkpoint. No network is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Bump when anything below changes so stale caches are rebuilt, never reused.
+TINY_VERSION = "tiny-sd-v1"
+SEED = 0
+LATENT_SIZE = 8  # 8x8x4 latents -> 32x32 RGB images (the VAE downsamples by 4)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ALIGNPROP_CACHE", Path.home() / ".cache" / "alignprop"))
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of CLIP's byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, [chr(c) for c in codes]))
+
+
+def write_tokenizer_files(directory: Path) -> None:
+    """A character-level CLIP vocabulary: every byte, alone and word-final, plus the special tokens.
+
+    With no merges every word splits into characters, so any prompt tokenizes.
+    """
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_tokenizer(directory: Path) -> CLIPTokenizer:
+    write_tokenizer_files(directory)
+    # transformers 5 ignores vocab_file= in the constructor; from_pretrained(dir) reads the files.
+    return CLIPTokenizer.from_pretrained(directory, model_max_length=77)
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=LATENT_SIZE * 4,
+    )
+
+
+def build_scheduler() -> DDIMScheduler:
+    # Stable Diffusion 1.5's scheduler settings.
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
+    torch.manual_seed(SEED)
+    tokenizer = build_tokenizer(directory / "tokenizer_files")
+    return StableDiffusionPipeline(
+        vae=build_vae(),
+        text_encoder=build_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_pipeline_dir(root: Path | None = None) -> Path:
+    """Directory holding the saved tiny pipeline; built on first use, atomically (safe across processes)."""
+    target = (root or cache_root()) / TINY_VERSION
+    if (target / "model_index.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
+    try:
+        build_tiny_pipeline(staging).save_pretrained(staging / "pipeline")
+        try:
+            (staging / "pipeline").rename(target)
+        except OSError:  # another process finished first; its copy is identical
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

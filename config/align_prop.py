@@ -1,0 +1,189 @@
+"""AlignProp presets: one base and small differences from it (DESIGN.md section 2).
+
+Use as `--config config/align_prop.py:PRESET` with any `--config.key=value` override. Key names follow
+the original code so its users' overrides carry over; new knobs are additions.
+"""
+
+import ml_collections
+
+PRESETS = ("aesthetic", "aesthetic_k1", "hps", "hps_k1", "evaluate", "evaluate_soup", "tiny")
+
+
+def reward_options():
+    """Settings of the individual rewards; `reward_fn` picks which one is used."""
+    return ml_collections.ConfigDict()
+
+
+def general():
+    config = ml_collections.ConfigDict()
+
+    # --- run ---
+    config.seed = 42
+    config.logdir = "logs"
+    config.run_name = ""  # empty: a timestamp
+    config.num_epochs = 100
+    config.save_freq = 4  # epochs between checkpoints
+    config.num_checkpoint_limit = 10
+    config.mixed_precision = "fp16"  # "fp16" | "bf16" | "no"
+    config.allow_tf32 = True
+    config.debug = False
+    config.tracker = "none"  # "none" | "wandb" | "tensorboard"; logs/RUN/metrics.jsonl is always written
+
+    # --- resume / evaluate / soup ---
+    config.resume_from = ""
+    config.resume_from_2 = ""
+    config.mixing_coef_1 = 0.0
+    config.soup_inference = False
+    config.only_eval = False
+    config.same_evaluation = True  # fixed-seed evaluation latents
+
+    # --- visualisation ---
+    config.vis_freq = 1
+    config.max_vis_images = 2
+    config.visualize_train = False
+    config.visualize_eval = True
+
+    # --- prompts and reward ---
+    config.prompt_fn = "simple_animals"
+    config.eval_prompt_fn = "eval_simple_animals"
+    config.reward_fn = "aesthetic"
+    config.aesthetic_target = 10.0
+    config.grad_scale = 1.0
+    config.rewards = reward_options()  # per-reward settings (weights sources, versions, combinations)
+
+    # --- sampling ---
+    config.steps = 50
+    config.sd_guidance_scale = 7.5
+    config.eta = 0.0  # DDIM eta; 0 is deterministic, as in the original
+
+    # --- truncated backprop ---
+    # `truncation_strategy` picks the strategy by name; "auto" derives it from the original's flags:
+    # truncated_backprop=False -> "full"; truncated_backprop_rand=True -> "per_step_uniform"; else "fixed".
+    config.truncation_strategy = "auto"  # auto | fixed | per_step_uniform | uniform | gaussian | full
+    config.truncated_backprop = True
+    config.truncated_backprop_rand = True
+    config.truncated_backprop_minmax = (0, 50)
+    config.trunc_backprop_timestep = 49
+    config.truncation_gaussian_mean = 42.0
+    config.truncation_gaussian_std = 5.0
+    config.grad_checkpoint = True  # checkpoint every UNet call that keeps its gradient
+    config.decode_checkpoint = False  # checkpoint the VAE decode too (saves memory at 512 px)
+
+    # --- model ---
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    pretrained.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    pretrained.revision = "main"
+
+    config.lora = lora = ml_collections.ConfigDict()
+    lora.rank = 4
+    lora.alpha = 4
+    lora.target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+
+    # --- optimisation ---
+    config.train = train = ml_collections.ConfigDict()
+    train.learning_rate = 3e-4
+    train.adam_beta1 = 0.9
+    train.adam_beta2 = 0.999
+    train.adam_weight_decay = 1e-4
+    train.adam_epsilon = 1e-8
+    train.max_grad_norm = 1.0
+    train.loss_coeff = 1.0
+    train.use_8bit_adam = False
+    # Batch math: samples per epoch and per optimizer update are totals over all processes;
+    # `batch_size_per_gpu_available` is what one process fits in one forward pass. The derived fields
+    # (gradient_accumulation_steps, data_loader_iterations) are filled in from the process count at start.
+    train.total_samples_per_epoch = 256
+    train.total_batch_size = 128
+    train.batch_size_per_gpu_available = 4
+    train.gradient_accumulation_steps = -1  # derived
+    train.data_loader_iterations = -1  # derived
+    return config
+
+
+def _paper_finetune(config, reward_fn, prompt_fn, eval_prompt_fn, num_epochs):
+    config.reward_fn = reward_fn
+    config.prompt_fn = prompt_fn
+    config.eval_prompt_fn = eval_prompt_fn
+    config.num_epochs = num_epochs
+    config.train.learning_rate = 1e-3
+    config.train.adam_weight_decay = 0.1
+    config.train.max_grad_norm = 5.0
+    config.train.loss_coeff = 0.01
+    config.truncation_strategy = "per_step_uniform"
+    config.truncated_backprop_rand = True
+    config.truncated_backprop_minmax = (0, 50)
+    return config
+
+
+def _k1(config):
+    config.truncation_strategy = "fixed"
+    config.truncated_backprop_rand = False
+    config.trunc_backprop_timestep = 49
+    return config
+
+
+def aesthetic():
+    config = _paper_finetune(general(), "aesthetic", "simple_animals", "eval_simple_animals", num_epochs=7)
+    config.save_freq = 1
+    config.num_checkpoint_limit = 14
+    config.max_vis_images = 4
+    return config
+
+
+def aesthetic_k1():
+    return _k1(aesthetic())
+
+
+def hps():
+    return _paper_finetune(general(), "hps", "hps_v2_all", "eval_hps_v2_all", num_epochs=200)
+
+
+def hps_k1():
+    return _k1(hps())
+
+
+def evaluate():
+    config = general()
+    config.only_eval = True
+    config.reward_fn = "aesthetic"
+    config.prompt_fn = "eval_simple_animals"
+    config.eval_prompt_fn = "eval_simple_animals"
+    config.max_vis_images = 10
+    return config
+
+
+def evaluate_soup():
+    config = evaluate()
+    config.soup_inference = True
+    config.prompt_fn = "simple_animals"
+    config.eval_prompt_fn = "simple_animals"
+    return config
+
+
+def tiny():
+    """CPU demo: a tiny random Stable Diffusion built locally, a weight-free reward, ~1 minute."""
+    config = general()
+    config.pretrained.model = "tiny"
+    config.mixed_precision = "no"
+    config.reward_fn = "compressibility"
+    config.prompt_fn = "simple_animals"
+    config.eval_prompt_fn = "eval_simple_animals"
+    config.steps = 10
+    config.sd_guidance_scale = 5.0
+    config.num_epochs = 6
+    config.save_freq = 6
+    config.truncation_strategy = "per_step_uniform"
+    config.truncated_backprop_minmax = (0, 10)
+    config.trunc_backprop_timestep = 9
+    config.train.learning_rate = 1e-2
+    config.train.adam_weight_decay = 0.0
+    config.train.total_samples_per_epoch = 16
+    config.train.total_batch_size = 8
+    config.train.batch_size_per_gpu_available = 4
+    return config
+
+
+def get_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return globals()[name]()
