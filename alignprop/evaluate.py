@@ -1,20 +1,33 @@
-"""Generate images on fixed latents without gradient, score them, and write what a person looks at.
+"""Evaluation: generate on fixed latents without gradient, score, and write what a person looks at.
 
-The same function serves the evaluation before/after training and (later) the evaluate preset.
+One function, `generate_and_score` (spread over processes by `Evaluator`), serves the evaluation during
+training, the evaluate preset and every point of a soup sweep. `write_evaluation` turns a result into
+one PNG per image, a captioned grid and a JSON summary.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from accelerate.utils import gather_object
+from PIL import Image, ImageDraw, ImageFont
 
+from alignprop import models
 from alignprop.conditioning import encode_prompts
-from alignprop.rewards import Reward
+from alignprop.lora_files import add_adapter, read_lora
+from alignprop.prompts import load_prompts
+from alignprop.rewards import Reward, build_reward
+from alignprop.rundir import slugify
+from alignprop.runtime import make_accelerator
 from alignprop.sampling import decode, initial_latents, sample
+
+SLUG_LENGTH = 48  # characters of the prompt in an image's file name
+GRID_COLUMNS = 8
 
 
 @dataclass
@@ -39,10 +52,19 @@ class EvalResult:
             metrics={name: pick(lambda part, name=name: part.metrics[name]) for name in names},
         )
 
+    def head(self, count: int | None) -> EvalResult:
+        """The first `count` images (all of them for None)."""
+        end = len(self.prompts) if count is None else count
+        return EvalResult(
+            self.prompts[:end], self.images[:end], self.rewards[:end], {k: v[:end] for k, v in self.metrics.items()}
+        )
+
     def summary(self) -> dict[str, float]:
+        """Reward mean/std and, for every other metric (e.g. each part of a combined reward), its mean and std."""
         summary = {"reward_mean": self.rewards.mean().item(), "reward_std": self.rewards.std(unbiased=False).item()}
         for name, values in self.metrics.items():
             summary[f"{name}_mean"] = values.float().mean().item()
+            summary[f"{name}_std"] = values.float().std(unbiased=False).item()
         return summary
 
 
@@ -83,8 +105,10 @@ def generate_and_score(
             no_grad_plan,
             config.sd_guidance_scale,
             eta=config.eta,
+            native_dtype=config.native_dtype,
+            fold_lora=config.fold_lora,
         )
-        batch_images = decode(pipeline.vae, final)
+        batch_images = decode(pipeline.vae, final, native_dtype=config.native_dtype)
         result = reward.score(batch_images, chunk)
         images.append(batch_images.cpu())
         rewards.append(result.reward.float().cpu())
@@ -98,22 +122,154 @@ def generate_and_score(
     )
 
 
+def evaluation_prompts(config) -> list[str]:
+    """The eval prompt set, repeated `eval_images_per_prompt` times (each repeat gets its own latent)."""
+    return load_prompts(config.eval_prompt_fn) * config.eval_images_per_prompt
+
+
+class Evaluator:
+    """Evaluates whatever LoRA the pipeline's UNet holds; each process does a share, all get the result."""
+
+    def __init__(self, accelerator, pipeline, reward: Reward, prompts: list[str], config, batch_size: int):
+        self.accelerator, self.pipeline, self.reward = accelerator, pipeline, reward
+        self.prompts, self.config, self.batch_size = prompts, config, batch_size
+
+    def __call__(self, seed: int) -> EvalResult:
+        rank, count = self.accelerator.process_index, self.accelerator.num_processes
+        indices = list(range(len(self.prompts)))[rank::count]
+        mine = None
+        if indices:
+            mine = generate_and_score(
+                self.pipeline,
+                self.pipeline.unet,
+                self.reward,
+                self.prompts,
+                self.config,
+                self.batch_size,
+                seed,
+                indices,
+            )
+        return EvalResult.merge(gather_object([(indices, mine)]))
+
+
+def build_evaluator(config, batch_size: int, run_dir: Path) -> Evaluator:
+    """The accelerator, the frozen pipeline and the reward for evaluation-only runs (evaluate, soup)."""
+    accelerator = make_accelerator(config, run_dir)
+    dtype = models.inference_dtype(config.mixed_precision)
+    pipeline = models.load_pipeline(config.pretrained.model, config.pretrained.revision, dtype)
+    pipeline.to(accelerator.device)
+    reward = build_reward(config, accelerator.device, dtype)
+    if accelerator.is_main_process and config.tracker != "none":
+        accelerator.init_trackers("alignprop", config=json.loads(config.to_json_best_effort()))
+    return Evaluator(accelerator, pipeline, reward, evaluation_prompts(config), config, batch_size)
+
+
+# --- what gets written ------------------------------------------------------------------------------
+
+
+def image_file_name(index: int, prompt: str) -> str:
+    """Index (unique) + a short slug of the prompt (safe whatever the prompt holds)."""
+    return f"{index:04d}_{slugify(prompt, max_length=SLUG_LENGTH)}.png"
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def save_grid(rows: list[tuple[str, EvalResult]], path: Path, cell: int = 128) -> None:
-    """One row per result (e.g. "before", "after"), one column per prompt, captioned with prompt | reward."""
-    columns = max(len(result.prompts) for _, result in rows)
-    label_width, caption_height = 70, 28
-    canvas = Image.new("RGB", (label_width + columns * cell, len(rows) * (cell + caption_height)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for row, (label, result) in enumerate(rows):
-        top = row * (cell + caption_height)
-        draw.text((4, top + cell // 2), label, fill="black")
-        for column, (image, prompt, reward) in enumerate(zip(result.images, result.prompts, result.rewards)):
-            left = label_width + column * cell
-            canvas.paste(to_pil(image).resize((cell, cell), Image.NEAREST), (left, top))
-            draw.text((left + 2, top + cell + 2), f"{prompt[:18]}\n{reward.item():.3g}", fill="black")
+def drawable(text: str, font) -> str:
+    """PIL's bitmap fallback font only knows latin-1; FreeType fonts draw any text."""
+    return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
+
+
+def save_grid(rows: list[tuple[str, EvalResult]], path: Path, cell: int = 128, columns: int | None = None) -> None:
+    """One row per result (e.g. "before", "after"), wrapped every `columns` images; captions: prompt | reward."""
+    columns = columns or max(len(result.prompts) for _, result in rows)
+    label_width = 70 if any(label for label, _ in rows) else 0
+    caption_height = 28
+    lines = [math.ceil(len(result.prompts) / columns) for _, result in rows]
+    canvas = Image.new("RGB", (label_width + columns * cell, max(sum(lines), 1) * (cell + caption_height)), "white")
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    first_line = 0
+    for (label, result), line_count in zip(rows, lines):
+        top = first_line * (cell + caption_height)
+        draw.text((4, top + cell // 2), drawable(label, font), fill="black", font=font)
+        for i, (image, prompt, reward) in enumerate(zip(result.images, result.prompts, result.rewards)):
+            left = label_width + (i % columns) * cell
+            cell_top = top + (i // columns) * (cell + caption_height)
+            canvas.paste(to_pil(image).resize((cell, cell), Image.NEAREST), (left, cell_top))
+            caption = f"{prompt[:18]}\n{reward.item():.3g}"
+            draw.text((left + 2, cell_top + cell + 2), drawable(caption, font), fill="black", font=font)
+        first_line += line_count
     canvas.save(path)
+
+
+def write_evaluation(result: EvalResult, directory: Path, context: dict, max_images: int | None = None) -> dict:
+    """directory/images/<index>_<slug>.png (the first `max_images`), grid.png and summary.json.
+
+    Returns the summary (the statistics always cover every image, saved or not).
+    """
+    shown = result.head(max_images)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    files = []
+    for index, (image, prompt) in enumerate(zip(shown.images, shown.prompts)):
+        files.append(f"images/{image_file_name(index, prompt)}")
+        to_pil(image).save(directory / files[-1])
+    save_grid([("", shown)], directory / "grid.png", columns=min(GRID_COLUMNS, max(len(files), 1)))
+    summary = {**context, "num_images": len(result.prompts), **result.summary()}
+    per_image = []
+    for index, prompt in enumerate(result.prompts):
+        entry = {"index": index, "prompt": prompt, "file": files[index] if index < len(files) else None}
+        entry["reward"] = result.rewards[index].item()
+        entry.update({name: values[index].item() for name, values in result.metrics.items()})
+        per_image.append(entry)
+    (directory / "summary.json").write_text(json.dumps({**summary, "images": per_image}, indent=2) + "\n")
+    return summary
+
+
+def log_to_trackers(accelerator, prefix: str, summary: dict, grid: Path | None, step: int) -> None:
+    """Scalars (numbers of the summary) and the grid image to every tracker (wandb, tensorboard)."""
+    scalars = {
+        f"{prefix}/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    accelerator.log(scalars, step=step)
+    if grid is None or not accelerator.is_main_process:
+        return
+    image = np.asarray(Image.open(grid).convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({f"{prefix}/grid": image[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({f"{prefix}/grid": [image]}, step=step)
+
+
+# --- the evaluate preset ----------------------------------------------------------------------------
+
+
+def evaluation_context(config, lora: str | None, mode: str) -> dict:
+    return {
+        "mode": mode,
+        "lora": lora,
+        "model": config.pretrained.model,
+        "reward_fn": config.reward_fn,
+        "prompts": config.eval_prompt_fn,
+        "seed": config.seed,
+        "steps": config.steps,
+        "guidance_scale": config.sd_guidance_scale,
+        "eta": config.eta,
+    }
+
+
+def run_evaluation(config, batch_size: int, run_dir: Path, lora: Path | None) -> EvalResult:
+    """Evaluate one LoRA (or the base model for None) and write run_dir/{images/, grid.png, summary.json}."""
+    evaluator = build_evaluator(config, batch_size, run_dir)
+    if lora is not None:
+        add_adapter(evaluator.pipeline.unet, read_lora(lora), adapter_name="default")
+    result = evaluator(config.seed)
+    accelerator = evaluator.accelerator
+    if accelerator.is_main_process:
+        context = evaluation_context(config, None if lora is None else str(lora), "evaluate")
+        summary = write_evaluation(result, run_dir, context)
+        log_to_trackers(accelerator, "eval", summary, run_dir / "grid.png", step=0)
+    accelerator.end_training()
+    return result

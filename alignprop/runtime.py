@@ -6,7 +6,6 @@ Configuration errors are found here, before anything is written under `logdir`.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -15,7 +14,7 @@ from accelerate.utils import ProjectConfiguration
 from alignprop import prompts, rewards
 from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
-from alignprop.models import inference_dtype
+from alignprop.models import check_model_name, inference_dtype
 from alignprop.sampling import truncation_from_config
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ def effective_mixed_precision(requested: str) -> str:
     """fp16 needs a GPU; on a CPU-only machine fall back to fp32 with a warning rather than fail."""
     inference_dtype(requested)  # validates the name
     if requested == "fp16" and not torch.cuda.is_available():
-        warnings.warn("mixed_precision=fp16 needs a GPU; running in fp32 on the CPU", stacklevel=2)
+        logger.warning("mixed_precision=fp16 needs a GPU; running in fp32 on the CPU")
         return "no"
     return requested
 
@@ -41,6 +40,7 @@ def validate(config, num_processes: int) -> BatchPlan:
         except ImportError:
             raise UserError("train.use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes") from None
     config.mixed_precision = effective_mixed_precision(config.mixed_precision)
+    check_model_name(config.pretrained.model)
     rewards.check_reward_name(config.reward_fn)
     prompts.load_prompts(config.prompt_fn)
     prompts.load_prompts(config.eval_prompt_fn)

@@ -10,6 +10,7 @@ prefix is plain inference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alignprop.conditioning import Conditioning
 from alignprop.errors import UserError
+from alignprop.models import FoldedLoRA
 
 STRATEGIES = ("fixed", "per_step_uniform", "uniform", "gaussian", "full")
 GAUSSIAN_MAX_DRAWS = 1000
@@ -78,7 +80,8 @@ class Truncation:
             low, high = self.minmax
             cuts = torch.randint(low, high + 1, (self.steps,), generator=generator).tolist()
             return tuple(i >= cut for i, cut in zip(steps, cuts))
-        return tuple(i >= self._draw_cut(generator) for i in steps)
+        cut = self._draw_cut(generator)  # one cut for the whole batch
+        return tuple(i >= cut for i in steps)
 
     def _draw_cut(self, generator: torch.Generator) -> int:
         if self.strategy == "fixed":
@@ -129,6 +132,19 @@ def initial_latents(
     return (latents * scheduler.init_noise_sigma).to(device)
 
 
+def native_precision(enabled: bool, device: torch.device):
+    """Autocast off for a frozen network whose weights are already in the inference dtype.
+
+    Under autocast, every GroupNorm/LayerNorm runs in float32 and hands float32 activations to the next
+    layer (twice the bytes to move and, with gradient, to keep). With autocast off the network runs in
+    its own dtype, as diffusers' inference does; peft still computes the LoRA branch in float32 (it casts
+    its input to the adapter's dtype), so the trainable path keeps its precision.
+    """
+    if enabled and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def guided_noise(
     unet: UNet2DConditionModel,
     latents: torch.Tensor,
@@ -136,13 +152,18 @@ def guided_noise(
     conditioning: Conditioning,
     guidance_scale: float,
     grad_checkpoint: bool,
+    native_dtype: bool = False,
 ) -> torch.Tensor:
-    """Classifier-free-guided noise prediction from one batched UNet call over [uncond; cond]."""
+    """Classifier-free-guided noise prediction from one batched UNet call over [uncond; cond].
+
+    `native_dtype`: run the UNet in its weights' dtype with autocast off (see `native_precision`).
+    """
     model_input = torch.cat([latents, latents]).to(unet.dtype)
     kwargs = conditioning.guided_unet_kwargs()
 
     def call(sample):
-        return unet(sample, timestep, **kwargs).sample
+        with native_precision(native_dtype, sample.device):
+            return unet(sample, timestep, **kwargs).sample
 
     if grad_checkpoint and torch.is_grad_enabled():
         prediction = checkpoint(call, model_input, use_reentrant=False)
@@ -162,30 +183,45 @@ def sample(
     eta: float = 0.0,
     grad_checkpoint: bool = True,
     generator: torch.Generator | None = None,
+    native_dtype: bool = False,
+    fold_lora: bool = False,
 ) -> torch.Tensor:
     """Run len(keep_grad) DDIM steps from `latents`; return the final latents.
 
     Differentiable w.r.t. the LoRA weights through the steps that `keep_grad` marks (when autograd is
     enabled by the caller); under `torch.no_grad()` this is plain inference, used for evaluation.
-    `generator` feeds the DDIM noise when eta > 0.
+    `generator` feeds the DDIM noise when eta > 0. `native_dtype`: see `guided_noise`.
+    `fold_lora`: UNet calls without gradient run with the LoRA folded into the base weights
+    (`models.FoldedLoRA`): fewer operator launches, same result up to one rounding of the folded weight.
     """
     scheduler.set_timesteps(len(keep_grad), device=latents.device)
-    for keep, timestep in zip(keep_grad, scheduler.timesteps):
-        with torch.set_grad_enabled(keep and torch.is_grad_enabled()):
-            noise = guided_noise(unet, latents, timestep, conditioning, guidance_scale, grad_checkpoint)
+    keeps_grad_at = [keep and torch.is_grad_enabled() for keep in keep_grad]
+    folded = FoldedLoRA(unet) if fold_lora and not all(keeps_grad_at) else None
+    for keeps_grad, timestep in zip(keeps_grad_at, scheduler.timesteps):
+        lora_path = folded.applied() if folded and not keeps_grad else contextlib.nullcontext()
+        with torch.set_grad_enabled(keeps_grad), lora_path:
+            noise = guided_noise(
+                unet, latents, timestep, conditioning, guidance_scale, grad_checkpoint, native_dtype=native_dtype
+            )
         latents = scheduler.step(noise, timestep, latents, eta=eta, generator=generator).prev_sample
     return latents
 
 
-def decode(vae: AutoencoderKL, latents: torch.Tensor, grad_checkpoint: bool = False) -> torch.Tensor:
-    """Latents -> images in [-1, 1] (float32, NCHW)."""
+def decode(
+    vae: AutoencoderKL, latents: torch.Tensor, grad_checkpoint: bool = False, native_dtype: bool = False
+) -> torch.Tensor:
+    """Latents -> images in [-1, 1] (float32, NCHW).
+
+    `native_dtype`: run the VAE in its weights' dtype with autocast off (see `native_precision`).
+    """
     latents = latents / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         latents = latents + vae.config.shift_factor
     latents = latents.to(vae.dtype)
 
     def call(z):
-        return vae.decode(z).sample
+        with native_precision(native_dtype, z.device):
+            return vae.decode(z).sample
 
     if grad_checkpoint and torch.is_grad_enabled() and latents.requires_grad:
         images = checkpoint(call, latents, use_reentrant=False)

@@ -2,47 +2,50 @@
 
 Read top to bottom: `train` sets up, then for every epoch runs `updates_per_epoch` optimizer updates,
 each accumulating gradients over `gradient_accumulation_steps` forward passes (micro-batches).
+Every `vis_freq` updates it evaluates (the same function as the evaluate preset); every `save_freq`
+epochs it writes checkpoints/checkpoint_<completed epochs>, from which `resume_from` continues exactly.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from alignprop import models
+from alignprop import checkpoint, models
 from alignprop.batching import BatchPlan
 from alignprop.conditioning import encode_prompts
-from alignprop.evaluate import EvalResult, generate_and_score, save_grid
+from alignprop.errors import UserError
+from alignprop.evaluate import (
+    EvalResult,
+    Evaluator,
+    evaluation_context,
+    evaluation_prompts,
+    log_to_trackers,
+    save_grid,
+    write_evaluation,
+)
+from alignprop.lora_files import check_matches_config, copy_into_adapter, read_lora
 from alignprop.prompts import load_prompts
+from alignprop.randomness import RandomStreams, global_state, preserved_global_state, set_global_state
 from alignprop.rewards import build_reward
 from alignprop.rundir import MetricsLog
 from alignprop.runtime import make_accelerator
 from alignprop.sampling import decode, initial_latents, sample, truncation_from_config
 
+__all__ = ["RandomStreams", "Trainer", "check_options", "train"]
 
-@dataclass
-class RandomStreams:
-    """Every random draw of training comes from these, seeded from (seed, process index)."""
 
-    prompts: random.Random
-    latents: torch.Generator
-    plans: torch.Generator
-
-    @classmethod
-    def seeded(cls, seed: int, process_index: int) -> RandomStreams:
-        base = seed * 1_000_003 + process_index * 7_919
-        return cls(
-            prompts=random.Random(base),
-            latents=torch.Generator().manual_seed(base + 1),
-            plans=torch.Generator().manual_seed(base + 2),
-        )
+def check_options(config) -> None:
+    """The checkpoint and evaluation cadence (checked before the run directory is created)."""
+    for key, minimum in (("save_freq", 0), ("num_checkpoint_limit", 1), ("vis_freq", 0), ("max_vis_images", 0)):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise UserError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
 def make_optimizer(train_config, params):
@@ -82,15 +85,21 @@ class Trainer:
         self.pipeline = models.load_pipeline(config.pretrained.model, config.pretrained.revision, self.dtype)
         self.pipeline.to(self.device)
         self.unet = self.pipeline.unet
+        # The LoRA init draws from the global generators: seed them, the same on every process.
+        set_seed(config.seed)
         self.params = models.add_lora(self.unet, config.lora.rank, config.lora.alpha, config.lora.target_modules)
         self.optimizer = accelerator.prepare(make_optimizer(config.train, self.params))
         self.reward = build_reward(config, self.device, self.dtype)
         self.prompts = load_prompts(config.prompt_fn)
-        self.eval_prompts = load_prompts(config.eval_prompt_fn)
+        self.eval_prompts = evaluation_prompts(config)
+        self.evaluator = Evaluator(accelerator, self.pipeline, self.reward, self.eval_prompts, config, plan.batch_size)
         self.truncation = truncation_from_config(config)
         self.random = RandomStreams.seeded(config.seed, accelerator.process_index)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
-        self.update = 0
+        self.epoch = 0  # completed epochs
+        self.update = 0  # completed optimizer updates
+        if config.resume_from:
+            self.restore(checkpoint.resolve(config.resume_from))
         if accelerator.is_main_process and config.tracker != "none":
             accelerator.init_trackers("alignprop", config=json.loads(config.to_json_best_effort()))
 
@@ -113,8 +122,12 @@ class Trainer:
                 eta=config.eta,
                 grad_checkpoint=config.grad_checkpoint,
                 generator=self.random.latents,
+                native_dtype=config.native_dtype,
+                fold_lora=config.fold_lora,
             )
-            images = decode(self.pipeline.vae, final, grad_checkpoint=config.decode_checkpoint)
+            images = decode(
+                self.pipeline.vae, final, grad_checkpoint=config.decode_checkpoint, native_dtype=config.native_dtype
+            )
             result = self.reward.score(images, prompts)
         loss = result.loss.float().mean() * config.train.loss_coeff
         return {"loss": loss, "result": result, "kept_steps": [i for i, keep in enumerate(keep_grad) if keep]}
@@ -159,44 +172,105 @@ class Trainer:
     # --- evaluation -------------------------------------------------------------------------------
 
     def evaluate(self) -> EvalResult:
-        """Score the eval prompts on fixed latents; each process does a share, all get the result."""
-        rank, count = self.accelerator.process_index, self.accelerator.num_processes
-        indices = list(range(len(self.eval_prompts)))[rank::count]
-        mine = generate_and_score(
-            self.pipeline,
-            self.unet,
-            self.reward,
-            self.eval_prompts,
-            self.config,
-            self.plan.batch_size,
-            seed=self.config.seed,
-            indices=indices,
-        )
-        parts = gather_object([(indices, mine)])
-        return EvalResult.merge(parts)
+        """Score the eval prompts on seeded latents (fixed ones when `same_evaluation`); all processes share."""
+        seed = self.config.seed if self.config.same_evaluation else self.config.seed + self.update
+        with preserved_global_state():
+            return self.evaluator(seed)
+
+    def evaluate_and_record(self) -> EvalResult:
+        """Evaluate, log, and keep the first `max_vis_images` images under run_dir/eval/update_N/."""
+        result = self.evaluate()
+        self.log({"update": self.update, "eval": True, **result.summary()})
+        if self.accelerator.is_main_process:
+            directory = self.run_dir / "eval" / f"update_{self.update:06d}"
+            context = {**evaluation_context(self.config, None, "train"), "update": self.update}
+            summary = write_evaluation(result, directory, context, max_images=self.config.max_vis_images)
+            log_to_trackers(self.accelerator, "eval", summary, directory / "grid.png", step=self.update)
+        return result
+
+    def eval_due(self) -> bool:
+        config = self.config
+        return config.visualize_eval and config.vis_freq > 0 and self.update % config.vis_freq == 0
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def checkpoint_due(self) -> bool:
+        save_freq = self.config.save_freq
+        return save_freq > 0 and (self.epoch % save_freq == 0 or self.epoch == self.config.num_epochs)
+
+    def trainable_names(self) -> list[str]:
+        return [name for name, param in self.unet.named_parameters() if param.requires_grad]
+
+    def save_checkpoint(self) -> None:
+        """checkpoints/checkpoint_<epoch>: LoRA + optimizer, scaler, counters and every process's RNG streams."""
+        accelerator = self.accelerator
+        random_states = gather_object([{"streams": self.random.state_dict(), "global": global_state()}])
+        if accelerator.is_main_process:
+            scaler = accelerator.scaler
+            state = {
+                "epoch": self.epoch,
+                "update": self.update,
+                "trainable": self.trainable_names(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "random": random_states,  # one entry per process, in process order
+            }
+            unet = accelerator.unwrap_model(self.unet)
+
+            def write(directory: Path) -> None:
+                models.save_lora(unet, directory)
+                torch.save(state, directory / checkpoint.STATE_FILE)
+
+            root = self.run_dir / checkpoint.CHECKPOINTS_DIR
+            info = {"update": self.update, "num_processes": accelerator.num_processes}
+            checkpoint.save(root, self.epoch, info, write)
+            checkpoint.rotate(root, self.config.num_checkpoint_limit)
+        accelerator.wait_for_everyone()
+
+    def restore(self, saved: checkpoint.Checkpoint) -> None:
+        """Continue exactly where `saved` stopped: weights, optimizer, scaler, RNG streams and counters."""
+        weights = read_lora(saved.lora_path)
+        check_matches_config(weights, self.config.lora)
+        copy_into_adapter(self.unet, weights)
+        state = saved.training_state()
+        if state["trainable"] != self.trainable_names():
+            raise UserError(f"the trainable parameters of {str(saved.path)!r} differ from this model's")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.accelerator.scaler is not None and state["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        mine = state["random"][self.accelerator.process_index]
+        self.random.load_state_dict(mine["streams"])
+        set_global_state(mine["global"])
+        self.epoch, self.update = state["epoch"], state["update"]
+        self.log({"update": self.update, "resumed_from": str(saved.path), "completed_epochs": self.epoch})
 
     # --- the run ----------------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
             self.metrics.write(record)
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        self.accelerator.log(scalars, step=self.update)
+        if not record.get("eval"):  # evaluations go to the trackers under eval/ (evaluate_and_record)
+            scalars = {f"train/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+            self.accelerator.log(scalars, step=self.update)
 
     def run(self) -> tuple[EvalResult, EvalResult]:
         config, plan, main = self.config, self.plan, self.accelerator.is_main_process
-        before = self.evaluate()
-        self.log({"update": 0, "eval": True, **before.summary()})
+        before = after = self.evaluate_and_record()
         total = config.num_epochs * plan.updates_per_epoch
-        with tqdm(total=total, desc="updates", disable=not main) as progress:
-            for epoch in range(config.num_epochs):
+        with tqdm(total=total, initial=self.update, desc="updates", disable=not main) as progress:
+            for epoch in range(self.epoch, config.num_epochs):
                 for _ in range(plan.updates_per_epoch):
                     record = self.train_update()
                     self.log({"epoch": epoch, **record})
                     progress.set_postfix(reward=f"{record['reward_mean']:.4g}")
                     progress.update()
-        after = self.evaluate()
-        self.log({"update": self.update, "eval": True, **after.summary()})
+                    if self.eval_due():
+                        after = self.evaluate_and_record()
+                self.epoch = epoch + 1
+                if self.checkpoint_due():
+                    self.save_checkpoint()
+        if not self.eval_due():  # the last update was not evaluated yet
+            after = self.evaluate_and_record()
         if main:
             models.save_lora(self.accelerator.unwrap_model(self.unet), self.run_dir / "lora")
             save_grid([("before", before), ("after", after)], self.run_dir / "before_after.png")

@@ -10,8 +10,37 @@ PRESETS = ("aesthetic", "aesthetic_k1", "hps", "hps_k1", "evaluate", "evaluate_s
 
 
 def reward_options():
-    """Settings of the individual rewards; `reward_fn` picks which one is used."""
-    return ml_collections.ConfigDict()
+    """Settings of the individual rewards; `reward_fn` picks which one is used.
+
+    Model sources are hub ids or local directories (save_pretrained layout); weight files are local
+    paths, or fetched from the hub when the path is empty. See alignprop/rewards/<name>.py.
+    """
+    rewards = ml_collections.ConfigDict()
+
+    rewards.aesthetic = aesthetic = ml_collections.ConfigDict()
+    aesthetic.clip_model = "openai/clip-vit-large-patch14"
+    aesthetic.processor = ""  # preprocessor_config.json source; empty: clip_model
+    aesthetic.head_path = ""  # local LAION head (.pth state dict or .safetensors); empty: the hub file below
+    aesthetic.head_repo = "trl-lib/ddpo-aesthetic-predictor"
+    aesthetic.head_filename = "aesthetic-model.pth"  # TRL's copy of sac+logos+ava1-l14-linearMSE.pth
+
+    rewards.hps = hps = ml_collections.ConfigDict()
+    hps.version = "v2.0"  # "v2.0" (AlignProp's) | "v2.1"
+    hps.checkpoint = ""  # local HPS_v2*_compressed.pt; empty: fetched from `repo`
+    hps.repo = "xswu/HPSv2"
+    hps.model_name = "ViT-H-14"  # open_clip architecture
+
+    rewards.pickscore = pickscore = ml_collections.ConfigDict()
+    pickscore.model = "yuvalkirstain/PickScore_v1"
+    pickscore.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    rewards.clip_score = clip_score = ml_collections.ConfigDict()
+    clip_score.model = "openai/clip-vit-large-patch14"
+    clip_score.processor = ""  # empty: model
+
+    # reward_fn="combined": weighted sum of named rewards, e.g. "aesthetic:1.0,hps:0.5".
+    rewards.combination = ""
+    return rewards
 
 
 def general():
@@ -22,24 +51,31 @@ def general():
     config.logdir = "logs"
     config.run_name = ""  # empty: a timestamp
     config.num_epochs = 100
-    config.save_freq = 4  # epochs between checkpoints
-    config.num_checkpoint_limit = 10
+    config.save_freq = 4  # epochs between checkpoints (logs/RUN/checkpoints/checkpoint_EPOCH); 0: none
+    config.num_checkpoint_limit = 10  # keep the newest this many
     config.mixed_precision = "fp16"  # "fp16" | "bf16" | "no"
     config.allow_tf32 = True
     config.debug = False
     config.tracker = "none"  # "none" | "wandb" | "tensorboard"; logs/RUN/metrics.jsonl is always written
 
     # --- resume / evaluate / soup ---
+    # resume_from: a run directory (its newest complete checkpoint) or one checkpoint directory; training
+    # resumes after that checkpoint's epoch, into a new run directory. With only_eval: the LoRA to evaluate
+    # (also a LoRA directory or .safetensors file, or "stablediffusion" for the base model).
     config.resume_from = ""
-    config.resume_from_2 = ""
-    config.mixing_coef_1 = 0.0
+    config.resume_from_2 = ""  # soup: the second checkpoint, or "stablediffusion" for the base model
+    config.mixing_coef_1 = 0.0  # soup: weight of resume_from (resume_from_2 gets 1 - mixing_coef_1)
     config.soup_inference = False
+    config.soup_mode = "params"  # "params": coef*A + (1-coef)*B per LoRA tensor (the original's);
+    # "delta": coef*dW_A + (1-coef)*dW_B, exact in the weight delta (diffusers adapter weights)
+    config.soup_sweep = ()  # e.g. (0, 0.25, 0.5, 0.75, 1): evaluate each coefficient, write a table and plot
     config.only_eval = False
     config.same_evaluation = True  # fixed-seed evaluation latents
+    config.eval_images_per_prompt = 1  # evaluation images per prompt of eval_prompt_fn (each its own latent)
 
     # --- visualisation ---
-    config.vis_freq = 1
-    config.max_vis_images = 2
+    config.vis_freq = 1  # optimizer updates between evaluations during training (0: before and after only)
+    config.max_vis_images = 2  # images saved per evaluation during training
     config.visualize_train = False
     config.visualize_eval = True
 
@@ -67,7 +103,13 @@ def general():
     config.truncation_gaussian_mean = 42.0
     config.truncation_gaussian_std = 5.0
     config.grad_checkpoint = True  # checkpoint every UNet call that keeps its gradient
-    config.decode_checkpoint = False  # checkpoint the VAE decode too (saves memory at 512 px)
+    config.decode_checkpoint = False  # checkpoint the VAE decode too (measured: no gain at 512 px, K=1)
+    # Run the frozen UNet/VAE in their own bf16/fp16 with autocast off (LoRA maths stays fp32).
+    # Measured on an H100, SD1.5, K=1, batch 4: peak memory 21.6 -> 14.5 GiB at the same speed.
+    config.native_dtype = False
+    # Experimental: fold the LoRA into the base weights for UNet calls without gradient (fewer operator
+    # launches; -39% ops per SD1.5 call). Gradients unchanged; step-time gain not yet measured on a GPU.
+    config.fold_lora = False
 
     # --- model ---
     config.pretrained = pretrained = ml_collections.ConfigDict()
@@ -172,6 +214,7 @@ def tiny():
     config.sd_guidance_scale = 5.0
     config.num_epochs = 6
     config.save_freq = 6
+    config.vis_freq = 6  # evaluate before, half-way and after
     config.truncation_strategy = "per_step_uniform"
     config.truncated_backprop_minmax = (0, 10)
     config.trunc_backprop_timestep = 9

@@ -36,6 +36,14 @@ def build_reward(config: ConfigDict, device: torch.device, dtype: torch.dtype) -
 
 
 # Importing the modules fills the registry.
-from alignprop.rewards import colorfulness, compressibility  # noqa: E402,F401
+from alignprop.rewards import (  # noqa: E402,F401
+    aesthetic,
+    clip_score,
+    colorfulness,
+    combined,
+    compressibility,
+    hps,
+    pickscore,
+)
 
 __all__ = ["REGISTRY", "Reward", "RewardResult", "build_reward", "check_reward_name", "register"]

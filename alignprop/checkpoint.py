@@ -1,0 +1,185 @@
+"""Checkpoints: save (atomically), find, rotate, and read back for resuming.
+
+`logs/RUN/checkpoints/checkpoint_N/` holds the state after N completed epochs (resuming starts epoch N+1):
+
+    pytorch_lora_weights.safetensors   the LoRA in diffusers format (loads with `load_lora_weights(dir)`)
+    training_state.pt                  optimizer, grad scaler, every RNG stream, counters: tensors and plain
+                                       containers only, read back with torch.load(weights_only=True)
+    checkpoint.json                    written last; a directory without it is never used
+
+A save is written into a hidden temporary directory beside the others, fsynced, and renamed into place,
+so a save that dies half-way leaves nothing that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignprop.errors import UserError
+from alignprop.lora_files import LORA_FILE_NAME
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "training_state.pt"
+MARKER_FILE = "checkpoint.json"
+TEMP_PREFIX = ".tmp-"
+FORMAT_VERSION = 1
+NAME_PATTERN = re.compile(r"checkpoint_(\d+)")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    info: dict  # the contents of checkpoint.json
+
+    @property
+    def epoch(self) -> int:
+        return self.info["epoch"]
+
+    @property
+    def lora_path(self) -> Path:
+        return self.path / LORA_FILE_NAME
+
+    def training_state(self) -> dict:
+        """Optimizer, scaler, RNG and counters; plain data only (no pickled code is ever executed)."""
+        try:
+            return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as error:
+            raise UserError(f"cannot read the training state of {str(self.path)!r}: {error}") from None
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"checkpoint_{epoch}"
+
+
+def read_complete(path: Path) -> Checkpoint | None:
+    """The checkpoint at `path` if its marker and every file it lists are there, else None."""
+    try:
+        info = json.loads((path / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    files = info.get("files") if isinstance(info, dict) else None
+    if (
+        not isinstance(files, list)
+        or not isinstance(info.get("epoch"), int)
+        or not all(isinstance(n, str) and (path / n).is_file() for n in files)
+    ):
+        return None
+    return Checkpoint(path, info)
+
+
+def complete_checkpoints(root: Path) -> list[Checkpoint]:
+    """Complete `checkpoint_N` directories under `root`, oldest first (temporary and unmarked ones skipped)."""
+    if not root.is_dir():
+        return []
+    found = [read_complete(p) for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)]
+    return sorted((c for c in found if c is not None), key=lambda c: c.epoch)
+
+
+def looks_like_checkpoint(path: Path) -> bool:
+    return bool(NAME_PATTERN.fullmatch(path.name)) or path.name.startswith(TEMP_PREFIX)
+
+
+def resolve(resume_from: str) -> Checkpoint:
+    """`resume_from` as a checkpoint: a checkpoint directory, or a run (or its checkpoints/) -> the newest."""
+    path = Path(resume_from)
+    if not path.exists():
+        raise UserError(f"resume_from={resume_from!r} does not exist")
+    if looks_like_checkpoint(path):
+        checkpoint = read_complete(path)
+        if checkpoint is None:
+            raise UserError(
+                f"resume_from={resume_from!r} is an incomplete checkpoint (no {MARKER_FILE} or missing files; "
+                "the save was interrupted); use an earlier checkpoint or the run directory"
+            )
+        return checkpoint
+    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    checkpoints = complete_checkpoints(root)
+    if not checkpoints:
+        raise UserError(f"resume_from={resume_from!r} holds no complete checkpoint (looked for {root}/checkpoint_N)")
+    return checkpoints[-1]
+
+
+def resolve_lora(source: str) -> Path:
+    """A LoRA to evaluate: a checkpoint or run (as `resolve`), a LoRA directory, or a .safetensors file."""
+    path = Path(source)
+    if path.is_file() or (path.is_dir() and (path / LORA_FILE_NAME).is_file() and not looks_like_checkpoint(path)):
+        return path if path.is_file() else path / LORA_FILE_NAME
+    return resolve(source).lora_path
+
+
+# --- writing ----------------------------------------------------------------------------------------
+
+
+def fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save(root: Path, epoch: int, info: dict, write_contents: Callable[[Path], None]) -> Path:
+    """Write checkpoint_<epoch> under `root` atomically: `write_contents(tmp_dir)` fills it, then we mark,
+    fsync and rename. A crash at any point leaves either the previous state or the complete checkpoint."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(epoch)
+    staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=root))
+    try:
+        write_contents(staging)
+        files = sorted(p.name for p in staging.iterdir())
+        marker = {"format": FORMAT_VERSION, "epoch": epoch, **info, "files": files}
+        (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+        for file in staging.iterdir():
+            fsync_path(file)
+        fsync_path(staging)
+        if final.exists():  # only when a run re-saves an epoch; move the old one out of the way first
+            _remove(final)
+        staging.rename(final)
+        fsync_path(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that a crash midway never leaves a marked, partial directory: rename first."""
+    doomed = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}delete-", dir=path.parent))
+    path.rename(doomed / path.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def rotate(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; returns what was deleted."""
+    doomed = [c.path for c in complete_checkpoints(root)[:-keep]] if keep > 0 else []
+    for path in doomed:
+        _remove(path)
+    return doomed
+
+
+# --- resuming ---------------------------------------------------------------------------------------
+
+
+def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int) -> None:
+    """Refuse (before anything is written) what cannot resume exactly."""
+    if not (checkpoint.path / STATE_FILE).is_file():
+        raise UserError(f"{str(checkpoint.path)!r} has no training state ({STATE_FILE}); it can only be evaluated")
+    if checkpoint.epoch >= num_epochs:
+        raise UserError(
+            f"{str(checkpoint.path)!r} already has {checkpoint.epoch} epochs and num_epochs={num_epochs}; "
+            "raise num_epochs to train further"
+        )
+    saved_processes = checkpoint.info.get("num_processes")
+    if saved_processes != num_processes:
+        raise UserError(
+            f"{str(checkpoint.path)!r} was written by {saved_processes} processes, this launch has {num_processes}; "
+            "an exact resume needs the same number (each process has its own random streams)"
+        )

@@ -1,0 +1,95 @@
+"""Aesthetic reward: the LAION aesthetic predictor v1 on CLIP ViT-L/14 image embeddings.
+
+The head "sac+logos+ava1-l14-linearMSE" (github.com/christophschuhmann/improved-aesthetic-predictor) is
+a stack of linear layers, 768 -> 1024 -> 128 -> 64 -> 16 -> 1, with dropout between (and no other
+non-linearity), applied to the L2-normalised CLIP image embedding. It regresses the mean human rating on a
+1-10 scale (SAC, LAION-Logos and AVA ratings); LAION-Aesthetics used 5, 6 and 6.5 as "good" thresholds.
+
+Weights (config.rewards.aesthetic):
+  clip_model     hub id or local directory of a CLIP vision tower (default openai/clip-vit-large-patch14);
+  processor      where its preprocessor_config.json lives (empty: clip_model);
+  head_path      local head file (.pth state dict with keys layers.0.weight, ..., or .safetensors);
+  head_repo, head_filename   otherwise fetched from the hub: trl-lib/ddpo-aesthetic-predictor,
+                 aesthetic-model.pth (the same LAION head, as published for TRL's DDPO example).
+
+Loss, as in the original: |r - aesthetic_target| x grad_scale, or -r x grad_scale when the target is None.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModelWithProjection
+
+from alignprop.rewards import register
+from alignprop.rewards.base import Reward, RewardResult
+from alignprop.rewards.hf_clip import load_image_spec, load_pretrained, unit
+from alignprop.rewards.loading import load_weights_into, resolve_file
+from alignprop.rewards.preprocess import ImageSpec, prepare
+
+OPTIONS = "config.rewards.aesthetic"
+
+
+class AestheticHead(nn.Module):
+    """The LAION predictor's layers; attribute names match its state dict (layers.0.weight, ...)."""
+
+    def __init__(self, in_features: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeddings).squeeze(-1)
+
+
+class Aesthetic(Reward):
+    def __init__(
+        self,
+        vision: CLIPVisionModelWithProjection,
+        head: AestheticHead,
+        spec: ImageSpec,
+        target: float | None,
+        grad_scale: float,
+    ):
+        super().__init__()
+        self.vision = vision  # inference dtype
+        self.head = head  # float32: tiny, and it reads the float32 unit embedding
+        self.spec = spec
+        self.target = target
+        self.grad_scale = grad_scale
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = prepare(images, self.spec).to(self.vision.dtype)
+        return unit(self.vision(pixel_values=pixels).image_embeds)
+
+    def score(self, images, prompts):
+        reward = self.head(self.embed(images))
+        loss = -reward if self.target is None else (reward - self.target).abs()
+        return RewardResult(loss=loss * self.grad_scale, reward=reward.detach())
+
+
+def load_aesthetic(options, target: float | None, grad_scale: float, dtype: torch.dtype) -> Aesthetic:
+    # The small head file first, so that a missing one fails before the CLIP download.
+    head_file = resolve_file(
+        options.head_path, options.head_repo, options.head_filename, f"{OPTIONS}.head_path"
+    )
+    vision = load_pretrained(
+        CLIPVisionModelWithProjection, options.clip_model, f"{OPTIONS}.clip_model", dtype
+    )
+    spec = load_image_spec(options.processor or options.clip_model, f"{OPTIONS}.processor")
+    head = AestheticHead(vision.config.projection_dim)
+    load_weights_into(head, head_file, "LAION aesthetic head", f"{OPTIONS}.head_path")
+    return Aesthetic(vision, head, spec, target, grad_scale)
+
+
+@register("aesthetic")
+def build(config, device, dtype):
+    return load_aesthetic(config.rewards.aesthetic, config.aesthetic_target, config.grad_scale, dtype)

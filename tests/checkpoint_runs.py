@@ -1,0 +1,57 @@
+"""Tiny runs shared by the checkpoint / resume / evaluate / soup / interop tests (each made once per session).
+
+Not a test module: imported by them. The runs go through `alignprop.jobs.run`, the same path as main.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignprop import jobs
+
+_CACHE: dict[str, tuple] = {}
+
+
+def tiny_config(preset, logdir: Path, **overrides):
+    """The tiny preset, writing under `logdir`, with evaluations only before and after training."""
+    config = preset("tiny")
+    config.logdir = str(logdir)
+    config.vis_freq = 0
+    config.update(overrides)
+    return config
+
+
+def run(config):
+    """(run_dir, result) of one invocation, exactly as main.py would do it."""
+    _, run_dir, result = jobs.run(config)
+    return run_dir, result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _once(name: str, make):
+    if name not in _CACHE:
+        _CACHE[name] = make()
+    return _CACHE[name]
+
+
+# Checkpoint after every epoch; evaluate every 2 updates, keeping 1 image of each evaluation.
+CADENCE = {"save_freq": 1, "vis_freq": 2, "max_vis_images": 1}
+
+
+def straight_run(preset, tmp_path_factory) -> Path:
+    """Two epochs (4 updates) with a checkpoint after each: logs/straight/checkpoints/checkpoint_{1,2}."""
+    logdir = tmp_path_factory.mktemp("straight")
+    config = tiny_config(preset, logdir, run_name="straight", num_epochs=2, **CADENCE)
+    return _once("straight", lambda: run(config)[0])
+
+
+def evaluated_run(preset, tmp_path_factory):
+    """The evaluate mode on the straight run's newest checkpoint: (run_dir, EvalResult)."""
+    source = straight_run(preset, tmp_path_factory)
+    logdir = tmp_path_factory.mktemp("evaluate")
+    config = tiny_config(preset, logdir, run_name="evaluate", only_eval=True, resume_from=str(source))
+    return _once("evaluate", lambda: run(config))

@@ -1,0 +1,37 @@
+"""Shared fixtures. The tiny pipeline is built once per session into a private cache directory."""
+
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+# One cache for the whole session (subprocesses inherit it), never the user's ~/.cache.
+os.environ.setdefault("ALIGNPROP_CACHE", tempfile.mkdtemp(prefix="alignprop-test-cache-"))
+# Tests never reach a model hub (there is none on CI); fail fast instead of waiting on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def _config_module():
+    spec = importlib.util.spec_from_file_location("align_prop_config", ROOT / "config" / "align_prop.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def preset():
+    """preset(name) -> a fresh ConfigDict of that preset from config/align_prop.py."""
+    return _config_module().get_config
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from alignprop.tiny import tiny_pipeline_dir
+
+    return tiny_pipeline_dir()

@@ -1,0 +1,207 @@
+"""The sampler against a naive transcription of the original loop, and the truncation plans."""
+
+import statistics
+
+import pytest
+import torch
+
+from alignprop import models
+from alignprop.conditioning import encode_prompts
+from alignprop.errors import UserError
+from alignprop.reference import reference_sample
+from alignprop.sampling import Truncation, decode, initial_latents, sample, truncation_from_config
+
+STEPS = 10
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@pytest.fixture(scope="module")
+def pipeline64(tiny_dir):
+    """The tiny pipeline in float64 with a LoRA whose B factors are non-zero (so every factor gets grad)."""
+    pipeline = models.load_pipeline(str(tiny_dir))
+    models.add_lora(pipeline.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
+    pipeline.to(torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in pipeline.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.05)
+    return pipeline
+
+
+def lora_params(unet):
+    return {n: p for n, p in unet.named_parameters() if "lora_" in n}
+
+
+def lora_grads(pipeline, sampler, keep_grad, grad_checkpoint=True):
+    """Gradients of a simple image loss w.r.t. every LoRA tensor, for one sampler."""
+    unet = pipeline.unet
+    for p in lora_params(unet).values():
+        p.grad = None
+    conditioning = encode_prompts(pipeline, ["cat", "a red dog"])
+    latents = initial_latents(2, unet, pipeline.scheduler, torch.Generator().manual_seed(0)).double()
+    final = sampler(unet, pipeline.scheduler, conditioning, latents, keep_grad, 5.0, grad_checkpoint=grad_checkpoint)
+    images = decode(pipeline.vae, final)
+    loss = (images - 0.3).square().mean()  # any smooth function of the pixels
+    if loss.requires_grad:
+        loss.backward()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in lora_params(unet).items()}
+
+
+PLANS = {
+    "fixed": Truncation("fixed", STEPS, cut=STEPS - 1),
+    "per_step_uniform": Truncation("per_step_uniform", STEPS, minmax=(0, STEPS)),
+    "uniform": Truncation("uniform", STEPS, minmax=(0, STEPS)),
+    "gaussian": Truncation("gaussian", STEPS, gaussian_mean=6.0, gaussian_std=2.0),
+    "full": Truncation("full", STEPS),
+}
+
+
+def nontrivial_plan(truncation, seed=0):
+    """A drawn plan that keeps some steps and (unless full) detaches others."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(100):
+        plan = truncation.plan(generator)
+        if any(plan) and (truncation.strategy == "full" or not all(plan)):
+            return plan
+    raise AssertionError("no non-trivial plan drawn")
+
+
+@pytest.mark.parametrize("strategy", sorted(PLANS))
+def test_gradients_equal_naive_original_loop(pipeline64, strategy):
+    keep_grad = nontrivial_plan(PLANS[strategy])
+    ours = lora_grads(pipeline64, sample, keep_grad)
+    naive = lora_grads(pipeline64, reference_sample, keep_grad)
+    total = torch.cat([g.flatten() for g in naive.values()])
+    assert total.abs().max() > 0, "the reference produced no gradient: the test would prove nothing"
+    for name in naive:
+        error = (ours[name] - naive[name]).norm() / naive[name].norm().clamp_min(1e-30)
+        assert error <= 1e-5, f"{strategy}: {name} relative error {error:.2e}"
+
+
+def test_gradients_do_not_depend_on_checkpointing(pipeline64):
+    keep_grad = nontrivial_plan(PLANS["per_step_uniform"], seed=3)
+    with_checkpoint = lora_grads(pipeline64, sample, keep_grad, grad_checkpoint=True)
+    without = lora_grads(pipeline64, sample, keep_grad, grad_checkpoint=False)
+    for name in with_checkpoint:
+        torch.testing.assert_close(with_checkpoint[name], without[name], rtol=1e-9, atol=1e-12)
+
+
+def steps_receiving_unet_gradient(pipeline, keep_grad):
+    """Indices of steps whose UNet output received a non-zero gradient, observed with hooks."""
+    timestep_to_step = {}
+    received = set()
+
+    def on_forward(module, args, kwargs, output):
+        step = timestep_to_step.setdefault(int(args[1]), len(timestep_to_step))
+        if output.sample.requires_grad:
+            output.sample.register_hook(lambda grad: received.add(step) if grad.abs().sum() > 0 else None)
+
+    handle = pipeline.unet.register_forward_hook(on_forward, with_kwargs=True)
+    try:
+        lora_grads(pipeline, sample, keep_grad)
+    finally:
+        handle.remove()
+    return received
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unet_gradient_reaches_exactly_the_planned_steps(pipeline64, seed):
+    keep_grad = nontrivial_plan(PLANS["per_step_uniform"], seed=seed)
+    planned = {i for i, keep in enumerate(keep_grad) if keep}
+    assert steps_receiving_unet_gradient(pipeline64, keep_grad) == planned
+
+
+def test_no_kept_step_means_no_gradient_and_no_error(pipeline64):
+    grads = lora_grads(pipeline64, sample, (False,) * STEPS)
+    assert all(g.abs().max() == 0 for g in grads.values())
+
+
+def test_no_grad_sampling_matches_stock_diffusers_pipeline(tiny_dir):
+    """Our sampler under no_grad reproduces StableDiffusionPipeline.__call__ (DDIM, CFG) on the same latents."""
+    pipeline = models.load_pipeline(str(tiny_dir))
+    latents = initial_latents(2, pipeline.unet, pipeline.scheduler, torch.Generator().manual_seed(5))
+    prompts = ["cat", "dog"]
+    with torch.no_grad():
+        ours = decode(
+            pipeline.vae,
+            sample(
+                pipeline.unet, pipeline.scheduler, encode_prompts(pipeline, prompts), latents, (False,) * STEPS, 5.0
+            ),
+        )
+    stock = pipeline(prompts, num_inference_steps=STEPS, guidance_scale=5.0, latents=latents, output_type="pt").images
+    torch.testing.assert_close((ours + 1) / 2, stock, atol=2e-5, rtol=0)
+
+
+# --- truncation plans --------------------------------------------------------------------------
+
+
+def draw(truncation, count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [truncation.plan(generator) for _ in range(count)]
+
+
+def test_fixed_cut_49_keeps_only_the_last_step():
+    plan = Truncation("fixed", 50, cut=49).plan(torch.Generator())
+    assert plan == (False,) * 49 + (True,)
+
+
+def test_per_step_uniform_matches_the_original_probabilities():
+    # Step i keeps its gradient iff i >= r with r ~ U{0..50} drawn per step: P = (i + 1) / 51.
+    plans = draw(Truncation("per_step_uniform", 50, minmax=(0, 50)), 4000)
+    for i in (0, 10, 25, 49):
+        frequency = statistics.mean(plan[i] for plan in plans)
+        assert abs(frequency - (i + 1) / 51) < 0.025, (i, frequency)
+    assert any(plan != tuple(sorted(plan)) for plan in plans), "kept steps should not always be contiguous"
+
+
+def test_uniform_draws_one_contiguous_suffix_per_batch():
+    plans = draw(Truncation("uniform", 50, minmax=(0, 50)), 2000)
+    assert all(plan == tuple(sorted(plan)) for plan in plans)
+    kept = [sum(plan) for plan in plans]
+    assert set(kept) == set(range(51))
+    assert abs(statistics.mean(kept) - 25) < 1.5
+
+
+def test_gaussian_cut_stays_in_range():
+    plans = draw(Truncation("gaussian", 50, gaussian_mean=42, gaussian_std=5), 2000)
+    cuts = [plan.index(True) for plan in plans]
+    assert min(cuts) >= 1 and max(cuts) <= 49
+    assert abs(statistics.mean(cuts) - 41.5) < 0.6  # int() truncates the N(42, 5) draw
+
+
+def test_full_keeps_every_step():
+    assert Truncation("full", 7).plan(torch.Generator()) == (True,) * 7
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"strategy": "fixed", "cut": 51},
+        {"strategy": "fixed", "cut": -1},
+        {"strategy": "uniform", "minmax": (10, 5)},
+        {"strategy": "per_step_uniform", "minmax": (0, 60)},
+        {"strategy": "gaussian", "gaussian_mean": 500.0},
+        {"strategy": "gaussian", "gaussian_std": 0.0},
+        {"strategy": "nope"},
+    ],
+)
+def test_bad_truncation_settings_are_user_errors(kwargs):
+    with pytest.raises(UserError):
+        Truncation(steps=50, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ({"truncated_backprop": False}, "full"),
+        ({"truncated_backprop_rand": True}, "per_step_uniform"),
+        ({"truncated_backprop_rand": False}, "fixed"),
+        ({"truncation_strategy": "gaussian"}, "gaussian"),
+    ],
+)
+def test_auto_strategy_follows_the_original_flags(preset, flags, expected):
+    config = preset("aesthetic")
+    config.truncation_strategy = "auto"
+    config.update(flags)
+    assert truncation_from_config(config).strategy == expected
