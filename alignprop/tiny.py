@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -131,8 +132,16 @@ def build_tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
 
 
 def tiny_pipeline_dir(root: Path | None = None) -> Path:
-    """Directory holding the saved tiny pipeline; built on first use, atomically (safe across processes)."""
-    target = (root or cache_root()) / TINY_VERSION
+    """Directory holding the saved tiny pipeline; built on first use, atomically.
+
+    Under torch.distributed only global rank 0 may build it (transformers writes weights on rank 0 only),
+    so the main process goes first and the others then find it.
+    """
+    with PartialState().main_process_first():
+        return _build_once((root or cache_root()) / TINY_VERSION)
+
+
+def _build_once(target: Path) -> Path:
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

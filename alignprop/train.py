@@ -8,6 +8,7 @@ epochs it writes checkpoints/checkpoint_<completed epochs>, from which `resume_f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -105,12 +106,17 @@ class Trainer:
 
     # --- one forward pass -------------------------------------------------------------------------
 
-    def forward(self) -> dict:
-        """Sample one micro-batch with the truncation plan, score it; returns the loss and what to log."""
-        config, batch_size = self.config, self.plan.batch_size
+    def draw_batch(self) -> tuple[list[str], torch.Tensor, tuple[bool, ...]]:
+        """This process's next micro-batch: prompts, starting latents and truncation plan."""
+        batch_size = self.plan.batch_size
         prompts = [self.random.prompts.choice(self.prompts) for _ in range(batch_size)]
         latents = initial_latents(batch_size, self.unet, self.pipeline.scheduler, self.random.latents, self.device)
-        keep_grad = self.truncation.plan(self.random.plans)
+        return prompts, latents, self.truncation.plan(self.random.plans)
+
+    def forward(self) -> dict:
+        """Sample one micro-batch with the truncation plan, score it; returns the loss and what to log."""
+        config = self.config
+        prompts, latents, keep_grad = self.draw_batch()
         with self.accelerator.autocast():
             final = sample(
                 self.unet,
@@ -148,7 +154,7 @@ class Trainer:
             kept_steps.append(out["kept_steps"])
             for name, values in out["result"].metrics.items():
                 extras.setdefault(name, []).append(values.float().to(self.device))
-        average_gradients(self.params, self.accelerator)
+        self.synchronize_gradients()
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -168,6 +174,9 @@ class Trainer:
         for name, values in extras.items():
             record[f"{name}_mean"] = self.accelerator.gather(torch.cat(values)).mean().item()
         return record
+
+    def synchronize_gradients(self) -> None:
+        average_gradients(self.params, self.accelerator)
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -244,6 +253,10 @@ class Trainer:
         self.epoch, self.update = state["epoch"], state["update"]
         self.log({"update": self.update, "resumed_from": str(saved.path), "completed_epochs": self.epoch})
 
+    def lora_digests(self) -> list[str]:
+        """Every process's LoRA fingerprint, in process order (all equal when gradients are in sync)."""
+        return gather_object([lora_digest(self.params)])
+
     # --- the run ----------------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
@@ -271,11 +284,20 @@ class Trainer:
                     self.save_checkpoint()
         if not self.eval_due():  # the last update was not evaluated yet
             after = self.evaluate_and_record()
+        self.log({"update": self.update, "lora_sha256_per_process": self.lora_digests()})
         if main:
             models.save_lora(self.accelerator.unwrap_model(self.unet), self.run_dir / "lora")
             save_grid([("before", before), ("after", after)], self.run_dir / "before_after.png")
         self.accelerator.end_training()
         return before, after
+
+
+def lora_digest(params) -> str:
+    """A fingerprint of the LoRA tensors, to check that every process holds the same weights."""
+    digest = hashlib.sha256()
+    for param in params:
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def train(config, plan: BatchPlan, run_dir: Path) -> tuple[EvalResult, EvalResult]:

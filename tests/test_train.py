@@ -58,7 +58,8 @@ def test_demo_writes_its_outputs(demo_run):
     records = read_metrics(run_dir)
     evaluations = [r["update"] for r in records if r.get("eval")]
     assert evaluations == list(range(0, updates + 1, config.vis_freq))  # before, every vis_freq updates, after
-    assert len(records) == updates + len(evaluations)
+    assert len(records) == updates + len(evaluations) + 1  # + the final LoRA fingerprint
+    assert len(records[-1]["lora_sha256_per_process"]) == 1
     update_record = records[1]
     for key in ("reward_mean", "reward_std", "loss", "grad_norm", "lr", "kept_steps", "seconds", "jpeg_kb_mean"):
         assert key in update_record, key
