@@ -14,6 +14,7 @@ import os
 import urllib.request
 from pathlib import Path
 
+from alignprop.cache import cache_root
 from alignprop.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "prompts"
@@ -46,8 +47,7 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 def prompt_cache_dir() -> Path:
-    # Same root as the tiny pipeline's cache (alignprop/tiny.py).
-    return Path(os.environ.get("ALIGNPROP_CACHE", Path.home() / ".cache" / "alignprop")) / "prompts"
+    return cache_root() / "prompts"
 
 
 def download_text(url: str, target: Path) -> None:

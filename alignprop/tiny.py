@@ -8,7 +8,6 @@ downloaded checkpoint. No network is touched.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,14 +17,12 @@ from accelerate import PartialState
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from alignprop.cache import cache_root
+
 # Bump when anything below changes so stale caches are rebuilt, never reused.
 TINY_VERSION = "tiny-sd-v1"
 SEED = 0
 LATENT_SIZE = 8  # 8x8x4 latents -> 32x32 RGB images (the VAE downsamples by 4)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ALIGNPROP_CACHE", Path.home() / ".cache" / "alignprop"))
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -9,7 +9,7 @@ from alignprop import models
 from alignprop.conditioning import encode_prompts
 from alignprop.errors import UserError
 from alignprop.reference import reference_sample
-from alignprop.sampling import Truncation, decode, initial_latents, sample, truncation_from_config
+from alignprop.sampling import Truncation, decode, initial_latents, native_precision, sample, truncation_from_config
 
 STEPS = 10
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -33,14 +33,14 @@ def lora_params(unet):
     return {n: p for n, p in unet.named_parameters() if "lora_" in n}
 
 
-def lora_grads(pipeline, sampler, keep_grad, grad_checkpoint=True):
-    """Gradients of a simple image loss w.r.t. every LoRA tensor, for one sampler."""
+def lora_grads(pipeline, sampler, keep_grad, **options):
+    """Gradients of a simple image loss w.r.t. every LoRA tensor, for one sampler and its options."""
     unet = pipeline.unet
     for p in lora_params(unet).values():
         p.grad = None
     conditioning = encode_prompts(pipeline, ["cat", "a red dog"])
     latents = initial_latents(2, unet, pipeline.scheduler, torch.Generator().manual_seed(0)).double()
-    final = sampler(unet, pipeline.scheduler, conditioning, latents, keep_grad, 5.0, grad_checkpoint=grad_checkpoint)
+    final = sampler(unet, pipeline.scheduler, conditioning, latents, keep_grad, 5.0, **options)
     images = decode(pipeline.vae, final)
     loss = (images - 0.3).square().mean()  # any smooth function of the pixels
     if loss.requires_grad:
@@ -205,3 +205,40 @@ def test_auto_strategy_follows_the_original_flags(preset, flags, expected):
     config.truncation_strategy = "auto"
     config.update(flags)
     assert truncation_from_config(config).strategy == expected
+
+
+# --- the switchable fast paths (benchmarks/) must not change what is computed ------------------------
+
+
+@pytest.mark.parametrize("keep_grad", [(False,) * 5 + (True,), (False, True, False, False, True, False)])
+def test_folded_lora_gives_the_reference_gradients(pipeline64, keep_grad):
+    expected = lora_grads(pipeline64, reference_sample, keep_grad)
+    folded = lora_grads(pipeline64, sample, keep_grad, fold_lora=True)
+    for name, grad in expected.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(folded[name], grad, rtol=1e-9, atol=1e-12)
+
+
+def test_folded_lora_inference_matches_and_restores_the_weights(pipeline64):
+    unet = pipeline64.unet
+    before = {n: (p, p.detach().clone()) for n, p in unet.named_parameters()}
+    conditioning = encode_prompts(pipeline64, ["cat"])
+    latents = initial_latents(1, unet, pipeline64.scheduler, torch.Generator().manual_seed(0)).double()
+    with torch.no_grad():
+        plain = sample(unet, pipeline64.scheduler, conditioning, latents, (False,) * 4, 5.0)
+        folded = sample(unet, pipeline64.scheduler, conditioning, latents, (False,) * 4, 5.0, fold_lora=True)
+    torch.testing.assert_close(folded, plain, rtol=1e-10, atol=1e-12)
+    after = dict(unet.named_parameters())
+    for name, (param, value) in before.items():
+        assert after[name] is param and torch.equal(param, value), name
+    layers = models.FoldedLoRA(unet).layers
+    assert layers and not any(layer.disable_adapters for layer in layers)
+
+
+def test_native_dtype_turns_autocast_off_only_inside():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with native_precision(True, torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+        with native_precision(False, torch.device("cpu")):
+            assert torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")

@@ -68,37 +68,29 @@ def test_demo_writes_its_outputs(demo_run):
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_only_lora_changes_in_an_update(preset, tmp_path):
-    trainer = make_trainer(tiny(preset, tmp_path))
-    frozen = {
+def frozen_weights(trainer) -> dict:
+    """Every non-LoRA tensor of the UNet, VAE and text encoder."""
+    modules = {"unet": trainer.unet, "vae": trainer.pipeline.vae, "text": trainer.pipeline.text_encoder}
+    return {
         f"{prefix}.{name}": tensor.clone()
-        for prefix, module in (
-            ("unet", trainer.unet),
-            ("vae", trainer.pipeline.vae),
-            ("text", trainer.pipeline.text_encoder),
-        )
+        for prefix, module in modules.items()
         for name, tensor in module.state_dict().items()
         if "lora_" not in name
     }
+
+
+def test_only_lora_changes_in_an_update(preset, tmp_path):
+    trainer = make_trainer(tiny(preset, tmp_path))
+    frozen = frozen_weights(trainer)
     lora_before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
     trainer.train_update()
     trainer.train_update()  # the second update moves lora_A too (B starts at zero)
-    now = {
-        f"{prefix}.{name}": tensor
-        for prefix, module in (
-            ("unet", trainer.unet),
-            ("vae", trainer.pipeline.vae),
-            ("text", trainer.pipeline.text_encoder),
-        )
-        for name, tensor in module.state_dict().items()
-        if "lora_" not in name
-    }
+    now = frozen_weights(trainer)
     assert all(torch.equal(frozen[k], now[k]) for k in frozen), "a frozen weight changed"
     assert all("lora_" in n for n in lora_before)
     changed = [n for n, p in trainer.unet.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before), "every LoRA tensor should have moved"
-    reward_params = list(trainer.reward.parameters())
-    assert all(not p.requires_grad for p in reward_params)
+    assert all(not p.requires_grad for p in trainer.reward.parameters())
 
 
 def test_same_seed_same_run(preset, tmp_path):
