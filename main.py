@@ -14,7 +14,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from alignprop.errors import UserError
+from alignprop.errors import Interrupted, UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "config/align_prop.py:tiny", "Preset: path/to/config.py:PRESET.")
@@ -85,6 +85,9 @@ def main(argv) -> None:
         run(FLAGS.config)
     except UserError as error:
         fail(str(error))
+    except Interrupted as error:  # Ctrl-C: a checkpoint of the last completed update was saved
+        print(f"interrupted: {error}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

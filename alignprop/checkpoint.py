@@ -1,6 +1,7 @@
 """Checkpoints: save (atomically), find, rotate, and read back for resuming.
 
-`logs/RUN/checkpoints/checkpoint_N/` holds the state after N completed epochs (resuming starts epoch N+1):
+`logs/RUN/checkpoints/checkpoint_N/` holds the state after N completed epochs (resuming starts epoch N+1);
+`checkpoint_N_update_U/` is one saved by Ctrl-C inside epoch N+1, after update U (resuming continues there):
 
     pytorch_lora_weights.safetensors   the LoRA in diffusers format (loads with `load_lora_weights(dir)`)
     training_state.pt                  optimizer, grad scaler, every RNG stream, counters: tensors and plain
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,8 @@ STATE_FILE = "training_state.pt"
 MARKER_FILE = "checkpoint.json"
 TEMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
-NAME_PATTERN = re.compile(r"checkpoint_(\d+)")
+NAME_PATTERN = re.compile(r"checkpoint_(\d+)(?:_update_(\d+))?")
+SAVE_DELAY_ENV = "ALIGNPROP_TEST_SAVE_DELAY"  # test hook: seconds to sleep mid-save (to SIGKILL a save)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,10 @@ class Checkpoint:
         return self.info["epoch"]
 
     @property
+    def order(self) -> tuple[int, int]:
+        return self.epoch, self.info.get("update", 0)
+
+    @property
     def lora_path(self) -> Path:
         return self.path / LORA_FILE_NAME
 
@@ -52,12 +60,15 @@ class Checkpoint:
         """Optimizer, scaler, RNG and counters; plain data only (no pickled code is ever executed)."""
         try:
             return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as error:
-            raise UserError(f"cannot read the training state of {str(self.path)!r}: {error}") from None
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            if "Weights only load failed" in reason:  # weights_only refuses anything that runs code on load
+                reason = "it needs arbitrary code to unpickle (refused: only tensors and plain containers load)"
+            raise UserError(f"cannot read the training state of {str(self.path)!r}: {reason}") from None
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"checkpoint_{epoch}"
+def checkpoint_name(epoch: int, mid_epoch_update: int | None = None) -> str:
+    return f"checkpoint_{epoch}" if mid_epoch_update is None else f"checkpoint_{epoch}_update_{mid_epoch_update}"
 
 
 def read_complete(path: Path) -> Checkpoint | None:
@@ -81,7 +92,7 @@ def complete_checkpoints(root: Path) -> list[Checkpoint]:
     if not root.is_dir():
         return []
     found = [read_complete(p) for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name)]
-    return sorted((c for c in found if c is not None), key=lambda c: c.epoch)
+    return sorted((c for c in found if c is not None), key=lambda c: c.order)
 
 
 def looks_like_checkpoint(path: Path) -> bool:
@@ -127,14 +138,16 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def save(root: Path, epoch: int, info: dict, write_contents: Callable[[Path], None]) -> Path:
+def save(root: Path, epoch: int, info: dict, write_contents: Callable[[Path], None], mid_epoch: bool = False) -> Path:
     """Write checkpoint_<epoch> under `root` atomically: `write_contents(tmp_dir)` fills it, then we mark,
-    fsync and rename. A crash at any point leaves either the previous state or the complete checkpoint."""
+    fsync and rename. A crash at any point leaves either the previous state or the complete checkpoint.
+    `mid_epoch`: an interrupt's checkpoint, named checkpoint_<epoch>_update_<info["update"]>."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(epoch)
+    final = root / checkpoint_name(epoch, info["update"] if mid_epoch else None)
     staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=root))
     try:
         write_contents(staging)
+        time.sleep(float(os.environ.get(SAVE_DELAY_ENV, 0)))
         files = sorted(p.name for p in staging.iterdir())
         marker = {"format": FORMAT_VERSION, "epoch": epoch, **info, "files": files}
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))
@@ -168,8 +181,16 @@ def rotate(root: Path, keep: int) -> list[Path]:
 # --- resuming ---------------------------------------------------------------------------------------
 
 
-def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int) -> None:
+def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int, updates_per_epoch: int) -> None:
     """Refuse (before anything is written) what cannot resume exactly."""
+    update = checkpoint.info.get("update")
+    mid_epoch = isinstance(update, int) and update != checkpoint.epoch * updates_per_epoch
+    if mid_epoch and not 0 < update - checkpoint.epoch * updates_per_epoch < updates_per_epoch:
+        raise UserError(
+            f"{str(checkpoint.path)!r} was saved mid-epoch (update {update}) with another number of updates per "
+            f"epoch than this config's {updates_per_epoch}; keep train.total_samples_per_epoch and "
+            "train.total_batch_size as they were"
+        )
     if not (checkpoint.path / STATE_FILE).is_file():
         raise UserError(f"{str(checkpoint.path)!r} has no training state ({STATE_FILE}); it can only be evaluated")
     if checkpoint.epoch >= num_epochs:

@@ -50,8 +50,9 @@ def prepare_training(config, plan: BatchPlan) -> Job:
     train.check_options(config)
     if config.resume_from:
         saved = checkpoint.resolve(config.resume_from)
-        checkpoint.check_resumable(saved, config.num_epochs, plan.num_processes)
+        checkpoint.check_resumable(saved, config.num_epochs, plan.num_processes, plan.updates_per_epoch)
         check_matches_config(read_lora(saved.lora_path), config.lora)
+        saved.training_state()  # readable (and plain data) before the run directory is made
         config.resume_from = str(saved.path)  # the exact checkpoint, as config.json will record it
     return Job("train", plan, lambda run_dir: train.train(config, plan, run_dir))
 

@@ -49,6 +49,24 @@ def check_model_name(model: str) -> None:
         raise UserError(f"model path {model!r} does not exist")
 
 
+def check_model_available(model: str, revision: str) -> None:
+    """Offline (HF_HUB_OFFLINE=1), a hub id must already be in the local cache: say so before any run starts."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if model in SHORT_NAMES or Path(model).expanduser().exists() or not constants.is_offline_mode():
+        return
+    try:
+        cached = try_to_load_from_cache(model, "model_index.json", revision=revision)
+    except (HFValidationError, ValueError):
+        cached = None
+    if not isinstance(cached, str):
+        raise UserError(
+            f"model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it once "
+            f"online (hf download {model}) or give a local diffusers directory or .safetensors file as "
+            "--config.pretrained.model"
+        )
+
+
 def resolve_model_source(model: str) -> str:
     """Map short names to their directory and refuse retired hub ids with the replacement."""
     check_model_name(model)

@@ -14,7 +14,7 @@ from accelerate.utils import ProjectConfiguration
 from alignprop import prompts, rewards
 from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
-from alignprop.models import check_model_name, inference_dtype
+from alignprop.models import check_model_available, check_model_name, inference_dtype
 from alignprop.sampling import truncation_from_config
 
 logger = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ def validate(config, num_processes: int) -> BatchPlan:
             raise UserError("train.use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes") from None
     config.mixed_precision = effective_mixed_precision(config.mixed_precision)
     check_model_name(config.pretrained.model)
+    check_model_available(config.pretrained.model, config.pretrained.revision)
     rewards.check_reward_name(config.reward_fn)
     prompts.load_prompts(config.prompt_fn)
     prompts.load_prompts(config.eval_prompt_fn)

@@ -4,12 +4,18 @@ Read top to bottom: `train` sets up, then for every epoch runs `updates_per_epoc
 each accumulating gradients over `gradient_accumulation_steps` forward passes (micro-batches).
 Every `vis_freq` updates it evaluates (the same function as the evaluate preset); every `save_freq`
 epochs it writes checkpoints/checkpoint_<completed epochs>, from which `resume_from` continues exactly.
+A NaN/Inf loss or gradient skips its update (weights and optimizer untouched, logged); `max_nonfinite_in_a_row`
+of them stop the run. Ctrl-C finishes the current update, saves it (mid-epoch: checkpoint_<epoch>_update_<n>)
+and exits 130; resuming from it continues inside that epoch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +26,7 @@ from tqdm.auto import tqdm
 from alignprop import checkpoint, models
 from alignprop.batching import BatchPlan
 from alignprop.conditioning import encode_prompts
-from alignprop.errors import UserError
+from alignprop.errors import Interrupted, UserError
 from alignprop.evaluate import (
     EvalResult,
     Evaluator,
@@ -43,7 +49,8 @@ __all__ = ["RandomStreams", "Trainer", "check_options", "train"]
 
 def check_options(config) -> None:
     """The checkpoint and evaluation cadence (checked before the run directory is created)."""
-    for key, minimum in (("save_freq", 0), ("num_checkpoint_limit", 1), ("vis_freq", 0), ("max_vis_images", 0)):
+    keys = (("save_freq", 0), ("num_checkpoint_limit", 1), ("vis_freq", 0), ("max_vis_images", 0))
+    for key, minimum in (*keys, ("max_nonfinite_in_a_row", 1)):
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise UserError(f"{key} must be an integer >= {minimum}, got {value!r}")
@@ -76,6 +83,37 @@ def average_gradients(params, accelerator) -> None:
         param.grad = chunk.view_as(param).clone()
 
 
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if torch.is_tensor(t) and t.is_floating_point())
+
+
+def optimizer_tensors(state_dict: dict) -> list[torch.Tensor]:
+    return [value for values in state_dict["state"].values() for value in values.values() if torch.is_tensor(value)]
+
+
+class InterruptFlag:
+    """SIGINT sets a flag that the loop reads between updates; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.raised = False
+
+    def handle(self, signum, frame) -> None:
+        self.raised = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupt: finishing this update and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self.handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 class Trainer:
     def __init__(self, config, plan: BatchPlan, run_dir: Path):
         self.config, self.plan, self.run_dir = config, plan, run_dir
@@ -98,7 +136,10 @@ class Trainer:
         self.random = RandomStreams.seeded(config.seed, accelerator.process_index)
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.epoch = 0  # completed epochs
-        self.update = 0  # completed optimizer updates
+        self.update = 0  # completed optimizer updates (a skipped non-finite update counts: its samples were drawn)
+        self.nonfinite_total = self.nonfinite_in_a_row = 0
+        self.interrupt = InterruptFlag()
+        self.saved_update = None  # the update of the last checkpoint this run wrote
         if config.resume_from:
             self.restore(checkpoint.resolve(config.resume_from))
         if accelerator.is_main_process and config.tracker != "none":
@@ -156,7 +197,12 @@ class Trainer:
                 extras.setdefault(name, []).append(values.float().to(self.device))
         self.synchronize_gradients()
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
-        self.optimizer.step()
+        loss_finite = self.agreed(bool(torch.isfinite(torch.stack(losses)).all()))
+        finite = loss_finite and self.agreed(bool(torch.isfinite(torch.as_tensor(grad_norm)).all()))
+        if finite:
+            self.optimizer.step()
+        else:
+            self.skip_nonfinite(loss_finite)
         self.optimizer.zero_grad(set_to_none=True)
         self.update += 1
 
@@ -167,6 +213,8 @@ class Trainer:
             "reward_std": rewards.std(unbiased=False).item(),
             "loss": self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(),
             "grad_norm": float(grad_norm),
+            "skipped_nonfinite": not finite,
+            "nonfinite_count": self.nonfinite_total,
             "lr": self.optimizer.param_groups[0]["lr"],
             "kept_steps": kept_steps,
             "seconds": time.perf_counter() - started,
@@ -177,6 +225,38 @@ class Trainer:
 
     def synchronize_gradients(self) -> None:
         average_gradients(self.params, self.accelerator)
+
+    # --- non-finite losses and gradients ----------------------------------------------------------
+
+    def agreed(self, ok: bool) -> bool:
+        """True only if `ok` on every process, so all processes skip (or step) together."""
+        if self.accelerator.num_processes == 1:
+            return ok
+        flag = torch.tensor(0.0 if ok else 1.0, device=self.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() == 0
+
+    def skip_nonfinite(self, loss_finite: bool) -> None:
+        """Leave weights and optimizer state untouched. An fp16 gradient overflow with a finite loss is the
+        GradScaler's normal business (it lowers its scale and tries again): logged, not held against the run."""
+        self.nonfinite_total += 1
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            scaler.update()  # unscale_ (in clip_grad_norm_) saw the inf: back off the scale
+            if loss_finite:
+                return
+        self.nonfinite_in_a_row += 1
+
+    def check_nonfinite_streak(self, record: dict) -> None:
+        if record["skipped_nonfinite"]:
+            limit = self.config.max_nonfinite_in_a_row
+            if self.nonfinite_in_a_row >= limit:
+                raise UserError(
+                    f"stopped at update {self.update}: {limit} updates in a row had a non-finite loss or gradient "
+                    "(skipped, weights untouched); the last good checkpoint is intact. Lower train.learning_rate "
+                    "or set mixed_precision=bf16/no, then resume_from it"
+                )
+        else:
+            self.nonfinite_in_a_row = 0
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -211,8 +291,12 @@ class Trainer:
         return [name for name, param in self.unet.named_parameters() if param.requires_grad]
 
     def save_checkpoint(self) -> None:
-        """checkpoints/checkpoint_<epoch>: LoRA + optimizer, scaler, counters and every process's RNG streams."""
+        """checkpoints/checkpoint_<epoch>: LoRA + optimizer, scaler, counters and every process's RNG streams.
+        An interrupt mid-epoch saves checkpoint_<epoch>_update_<update> (its update count says where to go on)."""
         accelerator = self.accelerator
+        # Checked on every process (they hold the same values), so all of them stop together.
+        if not (all_finite(self.params) and all_finite(optimizer_tensors(self.optimizer.state_dict()))):
+            raise UserError(f"refusing to save a checkpoint with non-finite values at update {self.update}")
         random_states = gather_object([{"streams": self.random.state_dict(), "global": global_state()}])
         if accelerator.is_main_process:
             scaler = accelerator.scaler
@@ -223,6 +307,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": None if scaler is None else scaler.state_dict(),
                 "random": random_states,  # one entry per process, in process order
+                "nonfinite": [self.nonfinite_total, self.nonfinite_in_a_row],
             }
             unet = accelerator.unwrap_model(self.unet)
 
@@ -232,8 +317,10 @@ class Trainer:
 
             root = self.run_dir / checkpoint.CHECKPOINTS_DIR
             info = {"update": self.update, "num_processes": accelerator.num_processes}
-            checkpoint.save(root, self.epoch, info, write)
+            mid_epoch = self.update != self.epoch * self.plan.updates_per_epoch  # saved by an interrupt
+            checkpoint.save(root, self.epoch, info, write, mid_epoch=mid_epoch)
             checkpoint.rotate(root, self.config.num_checkpoint_limit)
+        self.saved_update = self.update
         accelerator.wait_for_everyone()
 
     def restore(self, saved: checkpoint.Checkpoint) -> None:
@@ -251,6 +338,7 @@ class Trainer:
         self.random.load_state_dict(mine["streams"])
         set_global_state(mine["global"])
         self.epoch, self.update = state["epoch"], state["update"]
+        self.nonfinite_total, self.nonfinite_in_a_row = state.get("nonfinite", [0, 0])
         self.log({"update": self.update, "resumed_from": str(saved.path), "completed_epochs": self.epoch})
 
     def lora_digests(self) -> list[str]:
@@ -267,21 +355,44 @@ class Trainer:
             self.accelerator.log(scalars, step=self.update)
 
     def run(self) -> tuple[EvalResult, EvalResult]:
+        with self.interrupt.installed():
+            return self.run_epochs()
+
+    def interrupted(self) -> bool:
+        return not self.agreed(not self.interrupt.raised)
+
+    def stop_for_interrupt(self) -> None:
+        """Save the last completed update (if checkpoints are on) and leave with `Interrupted`."""
+        if self.config.save_freq > 0 and self.saved_update != self.update:
+            self.save_checkpoint()
+        self.accelerator.end_training()
+        if self.config.save_freq == 0:
+            raise Interrupted(f"stopped after update {self.update}; checkpoints are off (save_freq=0), nothing saved")
+        saved, run_dir = self.run_dir / checkpoint.CHECKPOINTS_DIR, self.run_dir
+        raise Interrupted(f"stopped after update {self.update}; saved checkpoint in {saved}; resume_from={run_dir}")
+
+    def run_epochs(self) -> tuple[EvalResult, EvalResult]:
         config, plan, main = self.config, self.plan, self.accelerator.is_main_process
         before = after = self.evaluate_and_record()
         total = config.num_epochs * plan.updates_per_epoch
         with tqdm(total=total, initial=self.update, desc="updates", disable=not main) as progress:
             for epoch in range(self.epoch, config.num_epochs):
-                for _ in range(plan.updates_per_epoch):
+                # A mid-epoch checkpoint resumes inside its epoch: run only the updates it had not done.
+                while self.update < (epoch + 1) * plan.updates_per_epoch:
                     record = self.train_update()
                     self.log({"epoch": epoch, **record})
+                    self.check_nonfinite_streak(record)
                     progress.set_postfix(reward=f"{record['reward_mean']:.4g}")
                     progress.update()
                     if self.eval_due():
                         after = self.evaluate_and_record()
+                    if self.update < (epoch + 1) * plan.updates_per_epoch and self.interrupted():
+                        self.stop_for_interrupt()
                 self.epoch = epoch + 1
                 if self.checkpoint_due():
                     self.save_checkpoint()
+                if self.epoch < config.num_epochs and self.interrupted():
+                    self.stop_for_interrupt()
         if not self.eval_due():  # the last update was not evaluated yet
             after = self.evaluate_and_record()
         self.log({"update": self.update, "lora_sha256_per_process": self.lora_digests()})

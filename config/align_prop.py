@@ -57,6 +57,8 @@ def general():
     config.allow_tf32 = True
     config.debug = False
     config.tracker = "none"  # "none" | "wandb" | "tensorboard"; logs/RUN/metrics.jsonl is always written
+    # A NaN/Inf loss or gradient skips its update (logged); this many in a row stop the run.
+    config.max_nonfinite_in_a_row = 3
 
     # --- resume / evaluate / soup ---
     # resume_from: a run directory (its newest complete checkpoint) or one checkpoint directory; training

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -15,6 +16,10 @@ os.environ.setdefault("ALIGNPROP_CACHE", tempfile.mkdtemp(prefix="alignprop-test
 # Tests never reach a model hub (there is none on CI); fail fast instead of waiting on the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# One torch thread everywhere, subprocesses included: results must be bit-comparable between in-process runs
+# and subprocess runs (the thread count changes float reduction order), and the tiny models are overhead-bound.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def _config_module():

@@ -136,3 +136,17 @@ def test_preserved_global_state_hides_the_draws_of_a_block():
     after = global_state()
     assert torch.equal(before["torch"], after["torch"]) and before["python"] == after["python"]
     assert torch.equal(before["numpy"]["keys"], after["numpy"]["keys"])
+
+
+def test_an_interrupt_checkpoint_sorts_between_epochs_and_needs_the_same_epoch_length(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 1)  # update 2
+    mid = checkpoint.save(root, 1, {"update": 3, "num_processes": 1}, fake_contents, mid_epoch=True)
+    assert mid.name == "checkpoint_1_update_3"
+    assert [c.path.name for c in checkpoint.complete_checkpoints(root)] == ["checkpoint_1", "checkpoint_1_update_3"]
+    assert checkpoint.resolve(str(root)).path == mid
+    checkpoint.check_resumable(checkpoint.resolve(str(mid)), num_epochs=3, num_processes=1, updates_per_epoch=2)
+    with pytest.raises(UserError, match="saved mid-epoch .* another number of updates per epoch"):
+        checkpoint.check_resumable(checkpoint.resolve(str(mid)), num_epochs=3, num_processes=1, updates_per_epoch=1)
+    save(root, 2)
+    assert checkpoint.resolve(str(root)).path.name == "checkpoint_2"

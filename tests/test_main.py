@@ -1,5 +1,6 @@
 """The command line: the README's demo command, and one clear line for every bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_main(*args, cwd=ROOT, timeout=300):
+def run_main(*args, cwd=ROOT, timeout=300, env=None):
     command = [sys.executable, str(ROOT / "main.py"), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 BAD_INPUTS = {
@@ -35,6 +37,14 @@ BAD_INPUTS = {
 }
 
 
+def assert_one_clear_line(result, fragment, logdir):
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not logdir.exists(), "a configuration error must not create anything under logdir"
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path):
     args, fragment = BAD_INPUTS[case]
@@ -42,11 +52,61 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path):
         args = ["--config", "config/align_prop.py:tiny", *args]
     logdir = tmp_path / "logs"
     result = run_main(*args, f"--config.logdir={logdir}" if "missing config" not in case else "")
-    assert result.returncode == 2, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and fragment in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not logdir.exists(), "a configuration error must not create anything under logdir"
+    assert_one_clear_line(result, fragment, logdir)
+
+
+def checkpoint_dir(tmp_path, marker=True, lora=b"not safetensors"):
+    """A checkpoint_1 directory with garbage files, with or without its completion marker."""
+    from alignprop import checkpoint
+    from alignprop.lora_files import LORA_FILE_NAME
+
+    path = tmp_path / "old" / "checkpoints" / "checkpoint_1"
+    path.mkdir(parents=True)
+    (path / LORA_FILE_NAME).write_bytes(lora)
+    (path / checkpoint.STATE_FILE).write_bytes(b"garbage")
+    if marker:
+        files = [LORA_FILE_NAME, checkpoint.STATE_FILE]
+        info = {"format": 1, "epoch": 1, "update": 2, "num_processes": 1, "files": files}
+        (path / checkpoint.MARKER_FILE).write_text(json.dumps(info))
+    return path
+
+
+def a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file"
+
+
+# name: (tmp_path -> extra args, fragment of the error line); these need files made first.
+BAD_FILES = {
+    "resume_from missing": (lambda t: [f"--config.resume_from={t / 'nowhere'}"], "does not exist"),
+    "resume_from empty": (lambda t: [f"--config.resume_from={t}"], "holds no complete checkpoint"),
+    "resume_from incomplete": (
+        lambda t: [f"--config.resume_from={checkpoint_dir(t, marker=False)}"],
+        "incomplete checkpoint",
+    ),
+    "resume_from corrupt": (lambda t: [f"--config.resume_from={checkpoint_dir(t)}"], "cannot read LoRA weights"),
+    "unwritable logdir": (lambda t: [f"--config.logdir={a_file(t) / 'logs'}"], "cannot create the run directory"),
+    "offline uncached model": (lambda t: ["--config.pretrained.model=someone/not-cached"], "HF_HUB_OFFLINE"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_files_are_one_clear_line_and_write_nothing(case, tmp_path):
+    make_args, fragment = BAD_FILES[case]
+    logdir = tmp_path / "logs"
+    args = [f"--config.logdir={logdir}", *make_args(tmp_path)]  # a later --config.logdir wins
+    result = run_main("--config", "config/align_prop.py:tiny", *args, env={"HF_HUB_OFFLINE": "1"})
+    assert_one_clear_line(result, fragment, logdir)
+
+
+def test_fp16_on_a_cpu_falls_back_to_fp32_with_one_warning(tmp_path):
+    # Followed by a config error so that nothing trains: the warning comes from validation, first.
+    logdir = tmp_path / "logs"
+    args = ["--config.mixed_precision=fp16", "--config.prompt_fn=animals", f"--config.logdir={logdir}"]
+    result = run_main("--config", "config/align_prop.py:tiny", *args, env={"CUDA_VISIBLE_DEVICES": ""})
+    warnings = [line for line in result.stderr.splitlines() if "mixed_precision=fp16 needs a GPU" in line]
+    assert warnings == [warnings[0]] and "running in fp32" in warnings[0], result.stderr
+    assert_one_clear_line(result, "unknown prompt set", logdir)
 
 
 def test_readme_demo_command(tmp_path):
