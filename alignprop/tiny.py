@@ -57,8 +57,9 @@ def build_tokenizer(directory: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(directory, model_max_length=77)
 
 
-def build_text_encoder(vocab_size: int) -> CLIPTextModel:
-    config = CLIPTextConfig(
+def tiny_text_settings(vocab_size: int) -> dict:
+    """A 2-layer, 32-wide CLIP text tower whose last two ids are the special tokens of `write_tokenizer_files`."""
+    return dict(
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -69,7 +70,10 @@ def build_text_encoder(vocab_size: int) -> CLIPTextModel:
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
     )
-    return CLIPTextModel(config)
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(**tiny_text_settings(vocab_size)))
 
 
 def build_unet() -> UNet2DConditionModel:

@@ -19,7 +19,7 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPToken
 
 from alignprop.rewards import build_reward
 from alignprop.rewards.aesthetic import AestheticHead
-from alignprop.tiny import write_tokenizer_files
+from alignprop.tiny import tiny_text_settings, write_tokenizer_files
 
 TINY_OPEN_CLIP = "alignprop-test-tiny-vit"
 TINY_OPEN_CLIP_CONFIG = {
@@ -31,18 +31,7 @@ PROMPTS = ["a cat", "a watercolor painting of a fox in the snow"]
 
 
 def tiny_clip_config(vocab_size: int) -> CLIPConfig:
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        projection_dim=16,
-    )
+    text = {**tiny_text_settings(vocab_size), "projection_dim": 16}
     vision = dict(
         hidden_size=32,
         intermediate_size=64,
