@@ -1,0 +1,1 @@
+"""Experiments: scripts that reproduce result tables (not tests)."""
