@@ -20,7 +20,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
-from alignprop import tiny
+from alignprop import tiny, toyworld
 from alignprop.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 INFERENCE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 # Hub repositories deleted by their owners, and the maintained mirror of the same weights.
 RETIRED_MODEL_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-SHORT_NAMES = {"tiny": tiny.tiny_pipeline_dir}
+SHORT_NAMES = {"tiny": tiny.tiny_pipeline_dir, "toyworld": toyworld.pipeline_dir}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 

@@ -45,5 +45,6 @@ from alignprop.rewards import (  # noqa: E402,F401
     hps,
     pickscore,
 )
+from alignprop.toyworld import rewards as toyworld_rewards  # noqa: E402,F401  (toyworld_colour, _shape, _area, _position)
 
 __all__ = ["REGISTRY", "Reward", "RewardResult", "build_reward", "check_reward_name", "register"]
