@@ -2,20 +2,7 @@
 
 import json
 
-import pytest
-import torch
-
 from benchmarks import bench_step
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (these small models are overhead-bound, and more threads on shared cores can be
-    many times slower); the benchmark sets it too. The session's count is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_forward_equivalents_follow_the_documented_convention():
