@@ -9,18 +9,19 @@
     checkpoint.json                    written last; a directory without it is never used
 
 A save is written into a hidden temporary directory beside the others, fsynced, and renamed into place,
-so a save that dies half-way leaves nothing that looks like a checkpoint.
+so a save that dies half-way leaves nothing that looks like a checkpoint; one that fails (a full disk) removes
+its temporary directory and raises `SaveError`.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ import torch
 
 from alignprop.errors import UserError
 from alignprop.lora_files import LORA_FILE_NAME
+from alignprop.pause import pause_point
+from alignprop.rundir import os_error_behind
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.pt"
@@ -36,7 +39,6 @@ MARKER_FILE = "checkpoint.json"
 TEMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
 NAME_PATTERN = re.compile(r"checkpoint_(\d+)(?:_update_(\d+))?")
-SAVE_DELAY_ENV = "ALIGNPROP_TEST_SAVE_DELAY"  # test hook: seconds to sleep mid-save (to SIGKILL a save)
 
 
 @dataclass(frozen=True)
@@ -138,18 +140,39 @@ def fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
+class SaveError(OSError):
+    """A checkpoint could not be written (`filename`: the checkpoint directory); nothing of it was left behind."""
+
+
+def write_training_state(directory: Path, state: dict) -> None:
+    """Serialized in memory first: torch.save's own file writer reports a full disk as an opaque RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (directory / STATE_FILE).write_bytes(buffer.getbuffer())
+
+
 def save(root: Path, epoch: int, info: dict, write_contents: Callable[[Path], None], mid_epoch: bool = False) -> Path:
     """Write checkpoint_<epoch> under `root` atomically: `write_contents(tmp_dir)` fills it, then we mark,
     fsync and rename. A crash at any point leaves either the previous state or the complete checkpoint.
     `mid_epoch`: an interrupt's checkpoint, named checkpoint_<epoch>_update_<info["update"]>."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(epoch, info["update"] if mid_epoch else None)
-    staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=root))
+    try:
+        _write_atomically(final, {"format": FORMAT_VERSION, "epoch": epoch, **info}, write_contents)
+    except Exception as error:
+        problem = os_error_behind(error)  # a full disk, a read-only or unwritable directory
+        if problem is None:
+            raise
+        raise SaveError(problem.errno, problem.strerror, str(final)) from None
+    return final
+
+
+def _write_atomically(final: Path, marker: dict, write_contents: Callable[[Path], None]) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
     try:
         write_contents(staging)
-        time.sleep(float(os.environ.get(SAVE_DELAY_ENV, 0)))
-        files = sorted(p.name for p in staging.iterdir())
-        marker = {"format": FORMAT_VERSION, "epoch": epoch, **info, "files": files}
+        pause_point("save")  # test hook: SIGKILL a save whose files are written but not marked
+        marker["files"] = sorted(p.name for p in staging.iterdir())
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))
         for file in staging.iterdir():
             fsync_path(file)
@@ -157,10 +180,9 @@ def save(root: Path, epoch: int, info: dict, write_contents: Callable[[Path], No
         if final.exists():  # only when a run re-saves an epoch; move the old one out of the way first
             _remove(final)
         staging.rename(final)
-        fsync_path(root)
+        fsync_path(final.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return final
 
 
 def _remove(path: Path) -> None:
@@ -174,11 +196,19 @@ def rotate(root: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints; returns what was deleted."""
     doomed = [c.path for c in complete_checkpoints(root)[:-keep]] if keep > 0 else []
     for path in doomed:
+        pause_point("rotate")  # test hook: SIGKILL between a new checkpoint's rename and an old one's deletion
         _remove(path)
     return doomed
 
 
 # --- resuming ---------------------------------------------------------------------------------------
+
+
+def resume_hint(run_dir: Path, resumed_from: str) -> str:
+    """How to go on after the run in `run_dir` stopped early: from its newest checkpoint, else where it started."""
+    if complete_checkpoints(run_dir / CHECKPOINTS_DIR):
+        return f"resume_from={run_dir}"
+    return f"resume_from={resumed_from}" if resumed_from else "start it again"
 
 
 def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int, updates_per_epoch: int) -> None:

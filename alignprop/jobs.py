@@ -14,7 +14,7 @@ from alignprop import checkpoint, evaluate, runtime, soup, train
 from alignprop.batching import BatchPlan
 from alignprop.errors import UserError
 from alignprop.lora_files import check_matches_config, read_lora
-from alignprop.rundir import create_run_dir
+from alignprop.rundir import DISK_FULL, cannot_write, create_run_dir, os_error_behind, write_config
 
 BASE_MODEL = soup.BASE_MODEL  # resume_from value meaning "evaluate the base model, no LoRA"
 
@@ -79,7 +79,7 @@ def shared_run_dir(config) -> Path:
     holder = [None]
     if state.is_main_process:
         run_dir = create_run_dir(config.logdir, config.run_name)
-        (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        write_config(run_dir, config.to_json_best_effort(indent=2))
         holder = [str(run_dir)]
     if state.num_processes > 1:
         broadcast_object_list(holder)
@@ -90,4 +90,11 @@ def run(config) -> tuple[Job, Path, object]:
     """Prepare, create the run directory, run; returns the job, the directory and the job's result."""
     job = prepare(config, runtime.process_count())
     run_dir = shared_run_dir(config)
-    return job, run_dir, job.work(run_dir)
+    try:
+        return job, run_dir, job.work(run_dir)
+    except Exception as error:
+        problem = os_error_behind(error)
+        if problem is None or not (isinstance(error, checkpoint.SaveError) or problem.errno in DISK_FULL):
+            raise  # not a write that the disk refused: a bug, keep its traceback
+        then = checkpoint.resume_hint(run_dir, config.resume_from) if job.kind == "train" else "run it again"
+        raise cannot_write(problem, run_dir, then) from None

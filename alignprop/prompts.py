@@ -1,6 +1,8 @@
 """Prompt sets by name.
 
 - `simple_animals` / `eval_simple_animals` ship in assets/prompts/.
+- `toyworld_train` / `toyworld_heldout`: the toy world's fine-tuning captions and its held-out colour-shape
+  pairs (assets/toyworld/prompts/, written by `python -m alignprop.toyworld.splits`).
 - `hps_v2_all` / `eval_hps_v2_all`: the HPSv2 captions AlignProp trained and evaluated on. They are not
   shipped; they are read from assets/prompts/ if saved there, else from the cache
   ($ALIGNPROP_CACHE or ~/.cache/alignprop, under prompts/), else downloaded once from the AlignProp
@@ -18,9 +20,12 @@ from alignprop.cache import cache_root
 from alignprop.errors import UserError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+TOYWORLD_PROMPTS = ASSETS.parent / "toyworld" / "prompts"
 BUILTIN = {
-    "simple_animals": "simple_animals.txt",
-    "eval_simple_animals": "eval_simple_animals.txt",
+    "simple_animals": ASSETS / "simple_animals.txt",
+    "eval_simple_animals": ASSETS / "eval_simple_animals.txt",
+    "toyworld_train": TOYWORLD_PROMPTS / "train.txt",
+    "toyworld_heldout": TOYWORLD_PROMPTS / "heldout.txt",
 }
 # The seed's own files, at the commit this project reproduces.
 HPS_PROMPTS_URL = (
@@ -84,7 +89,7 @@ def downloaded_prompt_file(name: str) -> Path:
 def load_prompts(name: str) -> list[str]:
     """The prompt list named `name`: a built-in set, a downloadable set, or a path to a text file."""
     if name in BUILTIN:
-        return read_prompt_file(ASSETS / BUILTIN[name])
+        return read_prompt_file(BUILTIN[name])
     if name in DOWNLOADED:
         return read_prompt_file(downloaded_prompt_file(name))
     if name.startswith(FROM_FILE):

@@ -1,9 +1,12 @@
-"""The run directory: a safe name under `logdir`, the saved config, and metrics.jsonl."""
+"""The run directory: a safe name under `logdir`, the saved config, metrics.jsonl, and what a full disk says."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
+import shutil
 import time
 import unicodedata
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 from alignprop.errors import UserError
 
 MAX_NAME_LENGTH = 80
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # EFBIG: also a file-size limit (ulimit -f)
 
 
 def slugify(text: str, max_length: int = MAX_NAME_LENGTH) -> str:
@@ -40,6 +44,32 @@ def create_run_dir(logdir: str, run_name: str) -> Path:
                 candidate, suffix = root / f"{name}_{suffix}", suffix + 1
     except OSError as error:
         raise UserError(f"cannot create the run directory under logdir={logdir!r}: {error.strerror}") from None
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    """run_dir/config.json; if the disk cannot take it, the run directory is removed again (nothing left)."""
+    path = run_dir / "config.json"
+    try:
+        path.write_text(text)
+    except OSError as error:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise cannot_write(error, run_dir, "start it again", target=path) from None
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """The OS error that made a write fail: Python's own, or the one safetensors' Rust writer names in its text."""
+    if isinstance(error, OSError):
+        return error
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    return OSError(int(match[1]), os.strerror(int(match[1]))) if match else None
+
+
+def cannot_write(error: OSError, run_dir: Path, then: str, target: Path | None = None) -> UserError:
+    """One line for a write that failed: what (`target`, else the error's file, else the run), why, what to do."""
+    code = errno.errorcode.get(error.errno, error.errno)
+    fix = f"free space in {run_dir.parent}" if error.errno in DISK_FULL else f"make {run_dir.parent} writable"
+    what = target or error.filename or run_dir
+    return UserError(f"cannot write {what}: {error.strerror} [{code}]; {fix}, then {then}")
 
 
 class MetricsLog:

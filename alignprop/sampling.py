@@ -156,10 +156,15 @@ def guided_noise(
 ) -> torch.Tensor:
     """Classifier-free-guided noise prediction from one batched UNet call over [uncond; cond].
 
+    At guidance 1 the guided prediction is the conditional one (uncond + 1 * (cond - uncond)): the
+    unconditional half is skipped, as diffusers does, which halves the work.
     `native_dtype`: run the UNet in its weights' dtype with autocast off (see `native_precision`).
     """
-    model_input = torch.cat([latents, latents]).to(unet.dtype)
-    kwargs = conditioning.guided_unet_kwargs()
+    unguided = guidance_scale == 1.0
+    if unguided:
+        model_input, kwargs = latents.to(unet.dtype), conditioning.unet_kwargs("cond")
+    else:
+        model_input, kwargs = torch.cat([latents, latents]).to(unet.dtype), conditioning.guided_unet_kwargs()
 
     def call(sample):
         with native_precision(native_dtype, sample.device):
@@ -169,7 +174,10 @@ def guided_noise(
         prediction = checkpoint(call, model_input, use_reentrant=False)
     else:
         prediction = call(model_input)
-    uncond, cond = prediction.to(latents.dtype).chunk(2)
+    prediction = prediction.to(latents.dtype)
+    if unguided:
+        return prediction
+    uncond, cond = prediction.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
 

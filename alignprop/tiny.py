@@ -1,8 +1,9 @@
-"""A tiny, deterministic, random-weight Stable Diffusion for tests and the CPU demo.
+"""A tiny, deterministic, random-weight Stable Diffusion for tests and benchmarks (pretrained.model="tiny").
 
-Every component is the real diffusers/transformers class, built from a small config with a fixed seed,
-written to disk with `save_pretrained` and then loaded by `alignprop.models.load_pipeline` exactly like a
-downloaded checkpoint. No network is touched.
+The CPU demo uses the *trained* toy-world model instead ("toyworld", assets/toyworld). Every component is
+the real diffusers/transformers class, built from a small config with a fixed seed, written to disk with
+`save_pretrained` and then loaded by `alignprop.models.load_pipeline` exactly like a downloaded checkpoint.
+No network is touched.
 """
 
 from __future__ import annotations
@@ -14,29 +15,17 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from alignprop.cache import cache_root
+from alignprop.toyworld import components
+from alignprop.toyworld.vocab import bytes_to_unicode
 
 # Bump when anything below changes so stale caches are rebuilt, never reused.
 TINY_VERSION = "tiny-sd-v1"
 SEED = 0
 LATENT_SIZE = 8  # 8x8x4 latents -> 32x32 RGB images (the VAE downsamples by 4)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of CLIP's byte-level BPE."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, [chr(c) for c in codes]))
 
 
 def write_tokenizer_files(directory: Path) -> None:
@@ -76,60 +65,14 @@ def build_text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(CLIPTextConfig(**tiny_text_settings(vocab_size)))
 
 
-def build_unet() -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-
-
-def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=LATENT_SIZE * 4,
-    )
-
-
-def build_scheduler() -> DDIMScheduler:
-    # Stable Diffusion 1.5's scheduler settings.
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
 def build_tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
     torch.manual_seed(SEED)
     tokenizer = build_tokenizer(directory / "tokenizer_files")
-    return StableDiffusionPipeline(
-        vae=build_vae(),
-        text_encoder=build_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-        unet=build_unet(),
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    # The toy world's builders, narrower and untrained; the order of the calls fixes the init draws.
+    vae = components.build_vae(widths=(16, 32, 32), groups=16, image_size=LATENT_SIZE * 4)
+    text_encoder = build_text_encoder(len(tokenizer))
+    unet = components.build_unet(widths=(32, 64), text_width=32, groups=16, sample_size=LATENT_SIZE)
+    return components.assemble(vae, text_encoder, tokenizer, unet)
 
 
 def tiny_pipeline_dir(root: Path | None = None) -> Path:

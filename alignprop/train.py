@@ -37,6 +37,7 @@ from alignprop.evaluate import (
     write_evaluation,
 )
 from alignprop.lora_files import check_matches_config, copy_into_adapter, read_lora
+from alignprop.pause import pause_point
 from alignprop.prompts import load_prompts
 from alignprop.randomness import RandomStreams, global_state, preserved_global_state, set_global_state
 from alignprop.rewards import build_reward
@@ -270,6 +271,7 @@ class Trainer:
         """Evaluate, log, and keep the first `max_vis_images` images under run_dir/eval/update_N/."""
         result = self.evaluate()
         self.log({"update": self.update, "eval": True, **result.summary()})
+        pause_point("evaluate")  # test hook: SIGKILL mid-evaluation, before its images are written
         if self.accelerator.is_main_process:
             directory = self.run_dir / "eval" / f"update_{self.update:06d}"
             context = {**evaluation_context(self.config, None, "train"), "update": self.update}
@@ -313,7 +315,7 @@ class Trainer:
 
             def write(directory: Path) -> None:
                 models.save_lora(unet, directory)
-                torch.save(state, directory / checkpoint.STATE_FILE)
+                checkpoint.write_training_state(directory, state)
 
             root = self.run_dir / checkpoint.CHECKPOINTS_DIR
             info = {"update": self.update, "num_processes": accelerator.num_processes}

@@ -1,6 +1,9 @@
-"""AlignProp on the toy world, in the spirit of the paper's tables; CPU, 5-10 minutes.
+"""AlignProp on the toy world, in the spirit of the paper's tables; CPU, about 5 minutes on one thread.
 
     .venv/bin/python -m experiments.toyworld_alignprop --threads 1 --out logs/toyworld/experiment
+
+Every fine-tuning run is the project's training loop (`alignprop.train.Trainer`) on the `tiny` preset (the
+CPU demo) with this script's arguments; each writes a normal run directory under OUT/runs/.
 
 1. Fine-tunes LoRAs of the shipped toy pipeline on the *learned* shape reward with three truncation
    strategies (fixed K=1, per_step_uniform, full) and reports, before and after, the learned reward and
@@ -20,17 +23,18 @@ import torch
 from ml_collections import ConfigDict
 
 from alignprop import models
+from alignprop import rewards as rewards_registry
+from alignprop.jobs import shared_run_dir
 from alignprop.lora_files import read_lora
-from alignprop.rewards import REGISTRY
-from alignprop.sampling import Truncation
+from alignprop.presets import load_preset
+from alignprop.runtime import validate
 from alignprop.soup import Soup, SoupInputs
 from alignprop.toyworld import PIPELINE_DIR
-from alignprop.toyworld import rewards as toyworld_rewards  # noqa: F401  (registers the rewards)
 from alignprop.toyworld.captions import parse
 from alignprop.toyworld.control import generate, grade
 from alignprop.toyworld.figures import curves, image_grid, running_mean
-from alignprop.toyworld.finetune import Settings, finetune
 from alignprop.toyworld.splits import split_captions
+from alignprop.train import Trainer
 
 EVAL_SEED = 2024  # evaluation latents: the same for every model
 SOUP_COEFFICIENTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -46,6 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lora-rank", type=int, default=4)
     # Classifier-free guidance off: with guidance 5 the shipped model already draws the right shape ~100% of
     # the time; without it, ~83%, which leaves the learned shape reward something to fix.
     parser.add_argument("--guidance", type=float, default=1.0)
@@ -58,8 +63,10 @@ def parse_args(argv=None):
 
 
 def build_reward(name: str, **options):
-    config = ConfigDict({"reward_fn": name, "rewards": {"toyworld": options}})
-    return REGISTRY[name](config, torch.device("cpu"), torch.float32).freeze()
+    config = load_preset("tiny")
+    config.reward_fn = name
+    config.rewards.toyworld.update(options)
+    return rewards_registry.build_reward(config, torch.device("cpu"), torch.float32)
 
 
 def grid_title(prompt: str, held_out: bool) -> str:
@@ -71,12 +78,7 @@ def evenly_spaced(items: list, count: int) -> list:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def truncations(steps: int) -> dict[str, Truncation]:
-    return {
-        "fixed K=1": Truncation("fixed", steps=steps, cut=steps - 1),
-        "per_step_uniform": Truncation("per_step_uniform", steps=steps, minmax=(0, steps)),
-        "full": Truncation("full", steps=steps),
-    }
+TRUNCATIONS = {"fixed K=1": "fixed", "per_step_uniform": "per_step_uniform", "full": "full"}  # label -> strategy
 
 
 def measure(pipeline, rewards: dict, prompts: list[str], args) -> tuple[dict, torch.Tensor]:
@@ -98,27 +100,34 @@ def evaluate_splits(pipeline, rewards, splits, args) -> tuple[dict, dict]:
     return results, images
 
 
-def settings_of(args) -> Settings:
-    return Settings(
-        steps=args.steps,
-        guidance=args.guidance,
-        batch_size=args.batch_size,
-        updates=args.updates,
-        learning_rate=args.lr,
-        seed=args.seed,
-    )
+def training_config(args, label: str, reward_name: str, strategy: str) -> ConfigDict:
+    """The `tiny` preset (the CPU demo) with this experiment's settings: one epoch of `updates` updates."""
+    config = load_preset("tiny")
+    config.pretrained.model = args.model
+    config.logdir, config.run_name, config.seed = str(args.out / "runs"), label, args.seed
+    config.reward_fn = reward_name
+    config.rewards.toyworld.area_target = args.area_target
+    config.steps, config.sd_guidance_scale = args.steps, args.guidance
+    config.truncation_strategy = strategy
+    config.truncated_backprop_minmax = (0, args.steps)
+    config.trunc_backprop_timestep = args.steps - 1  # fixed: only the last step keeps its gradient (K=1)
+    config.train.learning_rate = args.lr
+    config.lora.rank = config.lora.alpha = args.lora_rank
+    config.train.total_batch_size = config.train.batch_size_per_gpu_available = args.batch_size
+    config.train.total_samples_per_epoch = args.batch_size * args.updates
+    config.num_epochs, config.save_freq, config.vis_freq = 1, 0, 0
+    return config
 
 
-def train_lora(args, reward, prompts, truncation, label) -> tuple:
-    pipeline = models.load_pipeline(args.model)
+def train_lora(args, reward_name: str, strategy: str, label: str) -> tuple:
+    """Train one LoRA with the training loop; (pipeline with the LoRA, one record per update, LoRA dir)."""
+    config = training_config(args, label, reward_name, strategy)
     print(f"-- {label}: {args.updates} updates", flush=True)
-    report = lambda r: print(  # noqa: E731
-        f"   update {r['update']:3d} reward {r['reward']:.3f} checker_shape {r['checker_shape']:.2f} "
-        f"kept {r['kept_steps']:2d} {r['seconds']:.1f}s",
-        flush=True,
-    )
-    records = finetune(pipeline, reward, prompts, truncation, settings_of(args), on_update=report)
-    return pipeline, records
+    trainer = Trainer(config, validate(config, num_processes=1), shared_run_dir(config))
+    trainer.run()
+    metrics = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [record for record in map(json.loads, metrics) if "loss" in record]  # the training updates
+    return trainer.pipeline, records, trainer.run_dir / "lora"
 
 
 def soup_sweep(args, path_a: Path, path_b: Path, rewards, prompts) -> list[dict]:
@@ -189,40 +198,36 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lora_dir(args, name: str) -> Path:
-    return args.out / "lora" / name.replace(" ", "_").replace("=", "")
-
-
-def truncation_study(args, rewards, splits, results, grid_prompts, grid_rows) -> None:
+def truncation_study(args, rewards, splits, results, grid_prompts, grid_rows) -> dict[str, Path]:
     """The learned shape reward under each truncation strategy: before/after, curves and grid rows."""
-    reward_curves, checker_curves = {}, {}
-    for name, truncation in truncations(args.steps).items():
-        pipeline, records = train_lora(args, rewards["toyworld_shape"], splits["train"], truncation, name)
+    reward_curves, checker_curves, loras = {}, {}, {}
+    for name, strategy in TRUNCATIONS.items():
+        pipeline, records, loras[name] = train_lora(args, "toyworld_shape", strategy, name)
         after, _ = evaluate_splits(pipeline, rewards, splits, args)
         seconds = sum(r["seconds"] for r in records) / len(records)
         results["runs"][name] = {"after": after, "seconds_per_update": seconds, "records": records}
         print(f"{name}: {json.dumps(after)}", flush=True)
-        models.save_lora(pipeline.unet, lora_dir(args, name))
         grid_rows.append((name, generate(pipeline, grid_prompts, EVAL_SEED, steps=args.steps, guidance=args.guidance)))
         xs = [r["update"] for r in records]
-        reward_curves[name] = (xs, running_mean([r["reward"] for r in records], CURVE_WINDOW))
-        checker_curves[name] = (xs, running_mean([r["checker_shape"] for r in records], CURVE_WINDOW))
+        reward_curves[name] = (xs, running_mean([r["reward_mean"] for r in records], CURVE_WINDOW))
+        checker_curves[name] = (xs, running_mean([r["checker_shape_mean"] for r in records], CURVE_WINDOW))
     window = f"training batches, mean of {CURVE_WINDOW} updates"
     curves(reward_curves, args.out / "curves_reward.png", f"learned shape reward ({window})", "reward")
     curves(checker_curves, args.out / "curves_checker.png", f"checker shape accuracy ({window})", "accuracy")
+    return loras
 
 
-def rewards_study(args, rewards, splits, results, grid_prompts, grid_rows) -> None:
+def rewards_study(args, rewards, splits, results, grid_prompts, grid_rows) -> dict[str, Path]:
     """The other rewards (per_step_uniform) and what the checker says about them; LoRAs kept for the soup."""
     results["rewards"] = {"toyworld_shape": results["runs"]["per_step_uniform"]["after"]["train"]}
+    loras = {}
     for name in ("toyworld_area", "toyworld_colour"):
-        truncation = truncations(args.steps)["per_step_uniform"]
-        pipeline, records = train_lora(args, rewards[name], splits["train"], truncation, name)
+        pipeline, records, loras[name] = train_lora(args, name, "per_step_uniform", name)
         results["rewards"][name], _ = measure(pipeline, rewards, splits["train"] * args.eval_repeats, args)
         results["rewards_records"] = {**results.get("rewards_records", {}), name: records}
-        models.save_lora(pipeline.unet, lora_dir(args, name))
         label = f"{name.removeprefix('toyworld_')} reward"
         grid_rows.append((label, generate(pipeline, grid_prompts, EVAL_SEED, steps=args.steps, guidance=args.guidance)))
+    return loras
 
 
 def main(argv=None) -> dict:
@@ -245,10 +250,10 @@ def main(argv=None) -> dict:
     print("base:", json.dumps(results["base"]), flush=True)
     grid_rows = [("base", generate(base, grid_prompts, EVAL_SEED, steps=args.steps, guidance=args.guidance))]
 
-    truncation_study(args, rewards, splits, results, grid_prompts, grid_rows)
-    rewards_study(args, rewards, splits, results, grid_prompts, grid_rows)
+    loras = truncation_study(args, rewards, splits, results, grid_prompts, grid_rows)
+    loras |= rewards_study(args, rewards, splits, results, grid_prompts, grid_rows)
     if not args.skip_soup:
-        a, b = lora_dir(args, "per_step_uniform"), lora_dir(args, "toyworld_area")
+        a, b = loras["per_step_uniform"], loras["toyworld_area"]
         results["soup"] = soup_sweep(args, a, b, rewards, splits["train"])
 
     titles = [grid_title(p, p in splits["heldout"]) for p in grid_prompts]

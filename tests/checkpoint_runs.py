@@ -1,4 +1,5 @@
-"""Tiny runs shared by the checkpoint / resume / evaluate / soup / interop tests (each made once per session).
+"""Tiny runs shared by the train / checkpoint / resume / evaluate / soup / interop / toy-world tests (each made
+once per session).
 
 Not a test module: imported by them. The runs go through `alignprop.jobs.run`, the same path as main.py.
 """
@@ -55,3 +56,10 @@ def evaluated_run(preset, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("evaluate")
     config = tiny_config(preset, logdir, run_name="evaluate", only_eval=True, resume_from=str(source))
     return _once("evaluate", lambda: run(config))
+
+
+def demo_run(preset, tmp_path_factory):
+    """The tiny preset exactly as the CPU demo runs it: (config, run_dir, (before, after) evaluations)."""
+    config = preset("tiny")
+    config.logdir, config.run_name = str(tmp_path_factory.mktemp("demo")), "demo"
+    return _once("demo", lambda: (config, *run(config)))

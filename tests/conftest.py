@@ -1,6 +1,5 @@
 """Shared fixtures. The tiny pipeline is built once per session into a private cache directory."""
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -22,17 +21,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
-def _config_module():
-    spec = importlib.util.spec_from_file_location("align_prop_config", ROOT / "config" / "align_prop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def preset():
     """preset(name) -> a fresh ConfigDict of that preset from config/align_prop.py."""
-    return _config_module().get_config
+    from alignprop.presets import load_preset
+
+    return load_preset
 
 
 @pytest.fixture(scope="session")

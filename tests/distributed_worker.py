@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import _config_module  # noqa: E402
-
 from alignprop import models  # noqa: E402
+from alignprop.presets import load_preset  # noqa: E402
+from alignprop.prompts import load_prompts  # noqa: E402
 from alignprop.runtime import process_count, validate  # noqa: E402
 from alignprop.sampling import initial_latents  # noqa: E402
 from alignprop.train import Trainer  # noqa: E402
 
-PROMPTS = ["cat", "dog", "horse", "snail", "fox", "owl", "bee", "ant"]
+PROMPTS = load_prompts("toyworld_train")[::7]  # 9 captions of the tiny preset's world
 
 
 class PinnedTrainer(Trainer):
@@ -57,7 +57,7 @@ class PinnedTrainer(Trainer):
 
 
 def main(out_file: str, capacity: int, total_batch: int, updates: int) -> None:
-    config = _config_module().get_config("tiny")
+    config = load_preset("tiny")
     config.truncation_strategy = "fixed"  # the same plan on every process
     config.trunc_backprop_timestep = config.steps - 3
     config.train.batch_size_per_gpu_available = capacity

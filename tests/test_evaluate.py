@@ -12,6 +12,7 @@ from alignprop import jobs
 from alignprop.errors import UserError
 from alignprop.evaluate import EvalResult, generate_and_score, image_file_name, write_evaluation
 from alignprop.models import load_pipeline
+from alignprop.prompts import load_prompts
 from alignprop.rewards import build_reward
 
 NASTY_PROMPTS = [
@@ -36,15 +37,18 @@ def test_evaluate_mode_scores_the_checkpoint_like_training_did(preset, tmp_path_
     assert final_eval["update"] == 4
     # Same sampler, same seeded latents, same weights: the same numbers as the evaluation after training.
     assert result.summary()["reward_mean"] == final_eval["reward_mean"]
-    assert result.summary()["jpeg_kb_mean"] == final_eval["jpeg_kb_mean"]
+    assert result.summary()["checker_shape_mean"] == final_eval["checker_shape_mean"]
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["mode"] == "evaluate" and summary["num_images"] == 6 and summary["seed"] == 42
+    assert summary["mode"] == "evaluate" and summary["num_images"] == 30 and summary["seed"] == 42
     assert summary["lora"].endswith("checkpoints/checkpoint_2/pytorch_lora_weights.safetensors")
-    for key in ("reward_mean", "reward_std", "jpeg_kb_mean", "jpeg_kb_std"):
+    for key in ("reward_mean", "reward_std", "checker_shape_mean", "checker_shape_std"):
         assert summary[key] == pytest.approx(result.summary()[key])
     names = [image["file"] for image in summary["images"]]
-    assert names[:2] == ["images/0000_snail.png", "images/0001_hippopotamus.png"]
+    assert names[:2] == [
+        "images/0000_a_yellow_circle_on_a_red_background.png",
+        "images/0001_a_yellow_circle_on_a_green_background.png",
+    ]
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == sorted(n.split("/")[1] for n in names)
     assert [image["reward"] for image in summary["images"]] == pytest.approx(result.rewards.tolist())
     assert Image.open(run_dir / "grid.png").size[0] > 0
@@ -53,9 +57,9 @@ def test_evaluate_mode_scores_the_checkpoint_like_training_did(preset, tmp_path_
 def test_evaluation_does_not_depend_on_how_prompts_are_shared_out(tmp_path, preset):
     """Two processes each take every second prompt: merged, they give the one-process images exactly."""
     config = preset("tiny")
-    pipeline = load_pipeline("tiny")
+    pipeline = load_pipeline(config.pretrained.model)
     reward = build_reward(config, torch.device("cpu"), torch.float32)
-    prompts = ["cat", "dog", "fox", "owl"]
+    prompts = load_prompts(config.prompt_fn)[:4]
     whole = generate_and_score(pipeline, pipeline.unet, reward, prompts, config, batch_size=4, seed=3)
     parts = []
     for rank in range(2):
@@ -64,7 +68,8 @@ def test_evaluation_does_not_depend_on_how_prompts_are_shared_out(tmp_path, pres
         parts.append((indices, share))
     merged = EvalResult.merge(parts)
     assert merged.prompts == prompts
-    assert torch.allclose(merged.images, whole.images, atol=1e-6)
+    # Batches of 2 vs 4 round differently; over 20 steps of the trained model that is up to ~3e-6 here.
+    assert torch.allclose(merged.images, whole.images, atol=1e-5)
     assert torch.allclose(merged.rewards, whole.rewards, atol=1e-4)
 
 
@@ -102,6 +107,7 @@ def test_evaluate_mode_with_a_prompt_file_of_awkward_prompts(preset, tmp_path):
         resume_from="stablediffusion",  # the base model
         eval_prompt_fn=str(prompt_file),
         eval_images_per_prompt=2,
+        reward_fn="compressibility",  # any prompt: the toy world's rewards only read toy-world captions
     )
     run_dir, result = run(config)
     images = sorted((run_dir / "images").iterdir())
@@ -119,7 +125,7 @@ def test_training_evaluates_every_vis_freq_updates_keeping_max_vis_images(preset
     for name in evaluations:
         assert len(list((run_dir / "eval" / name / "images").iterdir())) == 1
         summary = json.loads((run_dir / "eval" / name / "summary.json").read_text())
-        assert summary["num_images"] == 6 and summary["mode"] == "train"  # statistics over every image
+        assert summary["num_images"] == 30 and summary["mode"] == "train"  # statistics over every image
     evals = [r for r in read_metrics(run_dir) if r.get("eval")]
     assert [r["update"] for r in evals] == [0, 2, 4]
     assert (run_dir / "before_after.png").stat().st_size > 0

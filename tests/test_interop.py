@@ -9,22 +9,25 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image
 
 from alignprop import checkpoint
+from alignprop.models import resolve_model_source
 
 
-def stock_pipeline(tiny_dir, checkpoint_dir):
-    """What the README tells users to do, on the tiny pipeline instead of Stable Diffusion 1.5."""
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None, requires_safety_checker=False)
+def stock_pipeline(model_dir, checkpoint_dir):
+    """What the README tells users to do, on the tiny preset's model instead of Stable Diffusion 1.5."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        model_dir, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     pipeline.load_lora_weights(checkpoint_dir)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
-def test_stock_diffusers_reproduces_our_evaluate_images(preset, tmp_path_factory, tiny_dir):
+def test_stock_diffusers_reproduces_our_evaluate_images(preset, tmp_path_factory):
     run_dir, ours = evaluated_run(preset, tmp_path_factory)
     config = preset("tiny")
     checkpoint_dir = checkpoint.resolve(str(straight_run(preset, tmp_path_factory))).path
-    pipeline = stock_pipeline(tiny_dir, str(checkpoint_dir))
+    pipeline = stock_pipeline(resolve_model_source(config.pretrained.model), str(checkpoint_dir))
 
     # Our evaluation latents: one CPU generator seeded with `seed`, drawn for all prompts at once.
     latents = torch.randn((len(ours.prompts), 4, 8, 8), generator=torch.Generator().manual_seed(config.seed))

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_main(*args, cwd=ROOT, timeout=300, env=None):
+def run_main(*args, cwd=ROOT, timeout=300, env=None, preexec_fn=None):
     command = [sys.executable, str(ROOT / "main.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, preexec_fn=preexec_fn
+    )
 
 
 BAD_INPUTS = {
@@ -28,7 +32,10 @@ BAD_INPUTS = {
     "missing prompt file": (["--config.prompt_fn=/nonexistent/prompts.txt"], "does not exist"),
     "indivisible batch": (["--config.train.total_batch_size=6"], "multiple of train.total_batch_size"),
     "capacity does not divide": (["--config.train.batch_size_per_gpu_available=3"], "batch_size_per_gpu_available"),
-    "cut out of range": (["--config.truncation_strategy=fixed", "--config.trunc_backprop_timestep=11"], "[0, steps"),
+    "cut out of range": (
+        ["--config.steps=10", "--config.truncation_strategy=fixed", "--config.trunc_backprop_timestep=11"],
+        "[0, steps=10]",
+    ),
     "gaussian never fits": (["--config.truncation_strategy=gaussian"], "almost never"),
     "unknown strategy": (["--config.truncation_strategy=random"], "unknown truncation strategy"),
     "retired model id": (["--config.pretrained.model=runwayml/stable-diffusion-v1-5"], "stable-diffusion-v1-5/"),
@@ -99,6 +106,24 @@ def test_bad_files_are_one_clear_line_and_write_nothing(case, tmp_path):
     assert_one_clear_line(result, fragment, logdir)
 
 
+def test_a_full_disk_at_start_up_is_one_clear_line_and_leaves_no_run_directory(tmp_path):
+    # A 1 KiB file-size limit: config.json (a few KiB, the first file of a run) fails with EFBIG, as on a full
+    # disk (Python ignores SIGXFSZ). ENOSPC itself needs a file system that is really full.
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    logdir = tmp_path / "logs"
+    args = ["--config", "config/align_prop.py:tiny", f"--config.logdir={logdir}", "--config.run_name=demo"]
+    result = run_main(*args, preexec_fn=small_files)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cannot write {logdir / 'demo' / 'config.json'}: File too large [EFBIG]; free space in {logdir}, "
+        "then start it again"
+    ]
+    assert list(logdir.iterdir()) == []
+
+
 def test_fp16_on_a_cpu_falls_back_to_fp32_with_one_warning(tmp_path):
     # Followed by a config error so that nothing trains: the warning comes from validation, first.
     logdir = tmp_path / "logs"
@@ -110,10 +135,13 @@ def test_fp16_on_a_cpu_falls_back_to_fp32_with_one_warning(tmp_path):
 
 
 def test_readme_demo_command(tmp_path):
-    result = run_main("--config", "config/align_prop.py:tiny", f"--config.logdir={tmp_path}", "--config.run_name=demo")
+    # The README's command, cut to one epoch: tests/test_train.py runs the whole demo (in-process, once).
+    args = ["--config", "config/align_prop.py:tiny", "--config.num_epochs=1", "--config.save_freq=1"]
+    result = run_main(*args, f"--config.logdir={tmp_path}", "--config.run_name=demo")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "before: reward_mean=" in result.stdout and "after: reward_mean=" in result.stdout
-    assert "jpeg_kb_mean" in result.stdout
+    # The learned reward is printed beside the ground truth it can be checked against.
+    assert re.search(r"^ after: reward_mean=.*, checker_shape_mean=", result.stdout, flags=re.MULTILINE)
     run_dir = tmp_path / "demo"
     for name in ("config.json", "metrics.jsonl", "before_after.png"):
         assert (run_dir / name).exists(), name

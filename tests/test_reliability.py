@@ -1,8 +1,12 @@
-"""Failure behaviour of training: non-finite updates are skipped, Ctrl-C saves and resumes exactly, and a
-run SIGKILLed at any point (a checkpoint save included) resumes to bit-identical LoRA weights."""
+"""Failure behaviour of training: non-finite updates are skipped, Ctrl-C saves and resumes exactly, a run
+SIGKILLed at any point (a checkpoint save included) resumes to bit-identical LoRA weights, and a full disk stops
+the run with one line, its last complete checkpoint intact."""
 
+import contextlib
+import errno
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -12,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoint_runs import read_metrics, run, straight_run, tiny_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from alignprop import checkpoint
+from alignprop import checkpoint, jobs
 from alignprop.errors import UserError
 from alignprop.lora_files import LORA_FILE_NAME
+from alignprop.pause import PAUSE_ENV
+from alignprop.rundir import MetricsLog
 from alignprop.train import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,11 +120,15 @@ TRAIN_ARGS = ["--config", "config/align_prop.py:tiny", "--config.num_epochs=2", 
 TRAIN_ARGS += ["--config.vis_freq=2", "--config.max_vis_images=1"]
 
 
-def start(logdir, run_name, *extra, save_delay=0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", checkpoint.SAVE_DELAY_ENV: str(save_delay)}
+def start(logdir, run_name, *extra, pause="", file_size_limit=None):
+    """main.py in a subprocess; `pause`: "<point>:<seconds>" of the test hook in alignprop/pause.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", PAUSE_ENV: pause}
     args = [*TRAIN_ARGS, f"--config.logdir={logdir}", f"--config.run_name={run_name}", *extra]
     command = [sys.executable, str(ROOT / "main.py"), *args]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    limit = None if file_size_limit is None else lambda: limit_file_size(file_size_limit)
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit
+    )
 
 
 def wait_for(process, condition, timeout=120):
@@ -135,6 +145,12 @@ def updates_logged(run_dir):
         return 0
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
     return max((r["update"] for r in lines if "loss" in r), default=0)
+
+
+def evaluations_logged(run_dir):
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return sum(1 for line in lines if line.endswith("}") and json.loads(line).get("eval"))
 
 
 def saving(run_dir):
@@ -187,25 +203,166 @@ def test_ctrl_c_saves_the_last_update_and_resume_continues_exactly(preset, tmp_p
     assert_same_lora(straight_run(preset, tmp_path_factory) / "lora", final / "lora")
 
 
+def leftovers(run_dir):
+    """Hidden temporary directories under run_dir/checkpoints (a staging or a half-deleted checkpoint)."""
+    return sorted(p.name for p in (run_dir / "checkpoints").glob(f"{checkpoint.TEMP_PREFIX}*"))
+
+
 def test_sigkill_anywhere_then_resume_gives_the_same_lora(preset, tmp_path_factory, tmp_path):
     # 1. Killed mid-epoch 2, after checkpoint_1 was written.
     first = start(tmp_path, "a")
     wait_for(first, lambda: updates_logged(tmp_path / "a") >= 3)
     kill(first)
-    newest = checkpoint.resolve(str(tmp_path / "a"))
-    assert newest.path.name == "checkpoint_1"
-    # 2. Resumed, then killed while writing checkpoint_2 (the test hook holds the save open).
-    second = start(tmp_path, "b", f"--config.resume_from={tmp_path / 'a'}", save_delay=60)
-    wait_for(second, lambda: saving(tmp_path / "b"))
+    assert checkpoint.resolve(str(tmp_path / "a")).path.name == "checkpoint_1"
+    resume = f"--config.resume_from={tmp_path / 'a'}"
+    # 2. Resumed, then killed during its first evaluation (the test hook holds it there).
+    second = start(tmp_path, "b", resume, pause="evaluate:60")
+    wait_for(second, lambda: evaluations_logged(tmp_path / "b") == 1)
     kill(second)
     with pytest.raises(UserError, match="holds no complete checkpoint"):
-        checkpoint.resolve(str(tmp_path / "b"))  # the half-written save is invisible
-    # 3. Resumed again, killed during start-up (before its first update).
-    third = start(tmp_path, "c", f"--config.resume_from={tmp_path / 'a'}")
-    wait_for(third, lambda: (tmp_path / "c" / "config.json").exists())
+        checkpoint.resolve(str(tmp_path / "b"))
+    # 3. Resumed again, killed while writing checkpoint_2 (files written, not yet marked and renamed).
+    third = start(tmp_path, "c", resume, pause="save:60")
+    wait_for(third, lambda: saving(tmp_path / "c"))
     kill(third)
-    # 4. Resumed once more from the newest complete checkpoint, to the end.
+    assert leftovers(tmp_path / "c") != []  # the half-written save is there, and invisible:
+    with pytest.raises(UserError, match="holds no complete checkpoint"):
+        checkpoint.resolve(str(tmp_path / "c"))
+    # 4. Resumed again, killed during start-up (before its first update).
+    fourth = start(tmp_path, "d", resume)
+    wait_for(fourth, lambda: (tmp_path / "d" / "config.json").exists())
+    kill(fourth)
+    # Resumed once more from the newest complete checkpoint, to the end.
     final = resume_to_the_end(preset, tmp_path, tmp_path / "a")
     straight = straight_run(preset, tmp_path_factory)
     for name in ("lora", "checkpoints/checkpoint_2"):
         assert_same_lora(straight / name, final / name)
+
+
+def test_sigkill_between_a_save_and_the_rotation_keeps_both_and_resumes_from_the_newest(
+    preset, tmp_path_factory, tmp_path
+):
+    # 5. num_checkpoint_limit=1: checkpoint_2 is renamed into place, then checkpoint_1 is to be deleted; killed
+    # in between (the test hook holds it there).
+    process = start(tmp_path, "r", "--config.num_checkpoint_limit=1", pause="rotate:60")
+    run_dir = tmp_path / "r"
+    wait_for(process, lambda: len(checkpoint.complete_checkpoints(run_dir / "checkpoints")) == 2)
+    kill(process)
+    assert not (run_dir / "lora").exists()  # killed before the end of the run
+    assert [c.path.name for c in checkpoint.complete_checkpoints(run_dir / "checkpoints")] == [
+        "checkpoint_1",
+        "checkpoint_2",
+    ]
+    assert leftovers(run_dir) == []
+    newest = checkpoint.resolve(str(run_dir))
+    assert newest.path.name == "checkpoint_2"
+    assert_same_lora(straight_run(preset, tmp_path_factory) / "checkpoints" / "checkpoint_2", newest.path)
+    # Its 2 epochs are done; a resume asking for a third is accepted and starts from checkpoint_2.
+    config = tiny_config(preset, tmp_path, run_name="more", num_epochs=3, save_freq=1, resume_from=str(run_dir))
+    assert jobs.prepare(config, num_processes=1).kind == "train"
+    assert config.resume_from == str(newest.path)
+
+
+# --- a full disk ------------------------------------------------------------------------------------
+# A file-size limit (RLIMIT_FSIZE, `ulimit -f`) makes every write past it fail with EFBIG, through the real
+# writers (safetensors' Rust one, torch, PIL, Python's files): the honest stand-in for a disk that fills up
+# without root or a small file system. Python ignores SIGXFSZ, so the write fails instead of killing the process.
+
+
+def limit_file_size(size):
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+@contextlib.contextmanager
+def file_size_limit(size):
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit_file_size(size)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)
+
+
+def too_big(size):
+    return {"w": torch.zeros(size // 2)}  # float32: twice the bytes
+
+
+# The two writers of a checkpoint; each used to fail with its own exception type (SafetensorError, RuntimeError).
+CHECKPOINT_WRITERS = {
+    "lora": lambda directory: save_file(too_big(4096), directory / LORA_FILE_NAME),  # what diffusers calls
+    "training state": lambda directory: checkpoint.write_training_state(directory, too_big(4096)),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(CHECKPOINT_WRITERS))
+def test_a_save_on_a_full_disk_raises_a_save_error_naming_the_checkpoint_and_leaves_nothing(writer, tmp_path):
+    root = tmp_path / "checkpoints"
+    with file_size_limit(4096), pytest.raises(checkpoint.SaveError) as failed:
+        checkpoint.save(root, 1, {"update": 2}, CHECKPOINT_WRITERS[writer])
+    assert (failed.value.errno, failed.value.filename) == (errno.EFBIG, str(root / "checkpoint_1"))
+    assert list(root.iterdir()) == []
+
+
+def test_a_full_disk_during_a_save_stops_the_run_keeping_the_previous_checkpoint(preset, tmp_path, monkeypatch):
+    # ENOSPC itself needs a file system that is really full: raised here at the second save, after the LoRA
+    # was written into the staging directory (the file-size limit tests above go through the real writers).
+    saves = []
+
+    def disk_fills_up(directory, state):
+        saves.append(directory)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_training_state(directory, state)
+
+    write_training_state = checkpoint.write_training_state
+    monkeypatch.setattr(checkpoint, "write_training_state", disk_fills_up)
+    one_update_per_epoch = {"total_samples_per_epoch": 8}
+    config = tiny_config(preset, tmp_path, run_name="full", num_epochs=2, save_freq=1, train=one_update_per_epoch)
+    with pytest.raises(UserError) as failed:
+        run(config)
+    run_dir = tmp_path / "full"
+    assert str(failed.value) == (
+        f"cannot write {run_dir / 'checkpoints' / 'checkpoint_2'}: No space left on device [ENOSPC]; "
+        f"free space in {tmp_path}, then resume_from={run_dir}"
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint_1"]  # no staging left
+    config = tiny_config(preset, tmp_path, run_name="again", num_epochs=2, save_freq=1, train=one_update_per_epoch)
+    config.resume_from = str(run_dir)
+    jobs.prepare(config, num_processes=1)  # resumable: complete, readable, matching
+    assert config.resume_from == str(run_dir / "checkpoints" / "checkpoint_1")
+
+
+def test_a_full_disk_during_a_save_is_one_clear_line_from_main(preset, tmp_path_factory, tmp_path):
+    # Resumed from the straight run's checkpoint_1; the limit lets the evaluation files through but not the
+    # LoRA of checkpoint_2, the first file of the save.
+    straight = straight_run(preset, tmp_path_factory)
+    source = straight / "checkpoints" / "checkpoint_1"
+    limit = (source / LORA_FILE_NAME).stat().st_size // 2
+    written_before = [straight / "config.json", *(straight / "eval" / "update_000002").rglob("*.*")]
+    assert max(p.stat().st_size for p in written_before) < limit, "this model's files do not fit the test"
+    process = start(tmp_path, "b", f"--config.resume_from={source}", file_size_limit=limit)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
+        f"error: cannot write {tmp_path / 'b' / 'checkpoints' / 'checkpoint_2'}: File too large [EFBIG]; "
+        f"free space in {tmp_path}, then resume_from={source}"
+    ]
+    assert list((tmp_path / "b" / "checkpoints").iterdir()) == []
+
+
+def test_a_full_disk_elsewhere_in_the_run_is_one_clear_line(preset, tmp_path, monkeypatch):
+    # metrics.jsonl cannot take the first update's record (a write error on an open file names no file).
+    def disk_full_at_the_first_update(self, record):
+        if "loss" in record:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(self, record)
+
+    write = MetricsLog.write
+    monkeypatch.setattr(MetricsLog, "write", disk_full_at_the_first_update)
+    with pytest.raises(UserError) as failed:
+        run(tiny_config(preset, tmp_path, run_name="full", num_epochs=1))
+    assert str(failed.value) == (
+        f"cannot write {tmp_path / 'full'}: No space left on device [ENOSPC]; free space in {tmp_path}, "
+        "then start it again"
+    )

@@ -33,14 +33,14 @@ def lora_params(unet):
     return {n: p for n, p in unet.named_parameters() if "lora_" in n}
 
 
-def lora_grads(pipeline, sampler, keep_grad, **options):
+def lora_grads(pipeline, sampler, keep_grad, guidance=5.0, **options):
     """Gradients of a simple image loss w.r.t. every LoRA tensor, for one sampler and its options."""
     unet = pipeline.unet
     for p in lora_params(unet).values():
         p.grad = None
     conditioning = encode_prompts(pipeline, ["cat", "a red dog"])
     latents = initial_latents(2, unet, pipeline.scheduler, torch.Generator().manual_seed(0)).double()
-    final = sampler(unet, pipeline.scheduler, conditioning, latents, keep_grad, 5.0, **options)
+    final = sampler(unet, pipeline.scheduler, conditioning, latents, keep_grad, guidance, **options)
     images = decode(pipeline.vae, final)
     loss = (images - 0.3).square().mean()  # any smooth function of the pixels
     if loss.requires_grad:
@@ -77,6 +77,23 @@ def test_gradients_equal_naive_original_loop(pipeline64, strategy):
     for name in naive:
         error = (ours[name] - naive[name]).norm() / naive[name].norm().clamp_min(1e-30)
         assert error <= 1e-5, f"{strategy}: {name} relative error {error:.2e}"
+
+
+def test_guidance_one_skips_the_unconditional_half_with_the_same_gradients(pipeline64):
+    """At guidance 1 our sampler makes one UNet call per step on the conditional half; the naive loop still
+    makes both calls and forms uncond + 1 * (cond - uncond). Same gradients (float64)."""
+    keep_grad = nontrivial_plan(PLANS["per_step_uniform"], seed=2)
+    batches = []
+    handle = pipeline64.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    try:
+        ours = lora_grads(pipeline64, sample, keep_grad, guidance=1.0, grad_checkpoint=False)
+    finally:
+        handle.remove()
+    assert batches == [2] * STEPS  # the two prompts only, never [uncond; cond]
+    naive = lora_grads(pipeline64, reference_sample, keep_grad, guidance=1.0)
+    for name in naive:
+        error = (ours[name] - naive[name]).norm() / naive[name].norm().clamp_min(1e-30)
+        assert error <= 1e-5, f"{name} relative error {error:.2e}"
 
 
 def test_gradients_do_not_depend_on_checkpointing(pipeline64):

@@ -16,6 +16,7 @@ from alignprop.checkpoint import resolve_lora
 from alignprop.errors import UserError
 from alignprop.lora_files import read_lora
 from alignprop.models import add_lora, load_pipeline, save_lora
+from alignprop.presets import load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def loras(preset, tmp_path_factory):
     run_dir = straight_run(preset, tmp_path_factory)
     a = read_lora(run_dir / "checkpoints" / "checkpoint_2")
     b = read_lora(run_dir / "checkpoints" / "checkpoint_1")
-    unet = load_pipeline("tiny").unet
+    unet = load_pipeline(preset("tiny").pretrained.model).unet
     add_lora(unet, rank=2, alpha=2, target_modules=("to_q",))
     with torch.no_grad():
         for name, param in unet.named_parameters():
@@ -63,7 +64,7 @@ def assert_deltas(got, expected):
 
 
 def soup_deltas(inputs, coefficient):
-    unet = load_pipeline("tiny").unet
+    unet = load_pipeline(load_preset("tiny").pretrained.model).unet
     mixed = soup.Soup(unet, inputs)
     mixed.set_coefficient(coefficient)
     return soup.effective_deltas(unet)
@@ -106,7 +107,7 @@ def test_soup_at_coefficient_one_gives_the_evaluate_images(preset, tmp_path_fact
     config = preset("tiny")
     reward = build_reward(config, torch.device("cpu"), torch.float32)
     for mode in soup.SOUP_MODES:
-        pipeline = load_pipeline("tiny")
+        pipeline = load_pipeline(config.pretrained.model)
         soup.Soup(pipeline.unet, soup.SoupInputs(loras["a"], loras["b"], mode, (1.0,))).set_coefficient(1.0)
         images = generate_and_score(pipeline, pipeline.unet, reward, evaluated.prompts, config, 4, seed=42).images
         assert torch.allclose(images, evaluated.images, atol=1e-6), mode
@@ -129,13 +130,13 @@ def test_sweep_writes_its_table_and_plot(preset, tmp_path_factory, tmp_path, lor
     with (run_dir / "soup.csv").open() as file:
         table = list(csv.DictReader(file))
     assert [float(row["coefficient"]) for row in table] == [1.0, 0.5, 0.0]
-    assert {"mode", "reward_mean", "reward_std", "jpeg_kb_mean", "images"} <= table[0].keys()
+    assert {"mode", "reward_mean", "reward_std", "checker_shape_mean", "images"} <= table[0].keys()
     by_coefficient = {row["coefficient"]: row for row in json.loads((run_dir / "soup.json").read_text())["rows"]}
     assert by_coefficient[1.0]["reward_mean"] == pytest.approx(evaluated.summary()["reward_mean"], abs=1e-5)
     assert by_coefficient[0.0]["reward_mean"] == pytest.approx(base_eval["reward_mean"], abs=1e-5)
     assert (run_dir / "soup.png").stat().st_size > 0
     for row in table:
-        assert len(list((run_dir / row["images"] / "images").iterdir())) == 6
+        assert len(list((run_dir / row["images"] / "images").iterdir())) == 30
 
 
 def test_parameter_mix_refuses_other_layouts_and_delta_mix_accepts_them(preset, loras, tmp_path):

@@ -10,7 +10,7 @@ RGB, captioned "a red circle on a blue background". Everything here is built by 
 - `classifier`, `augment`, `train_classifier`, `rewards`: differentiable rewards (colour, a learned shape
   reward, area and position), each with a ground-truth counterpart in the checker;
 - `control`: generate for prompts and measure how well the images follow them;
-- `splits`, `finetune`, `figures`: held-out captions, a minimal AlignProp loop and plots for experiments.
+- `splits`, `figures`: held-out captions and plots for experiments (fine-tuning itself is `alignprop.train`).
 """
 
 from pathlib import Path

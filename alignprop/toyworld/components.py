@@ -24,17 +24,18 @@ NORM_GROUPS = 8
 SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
-def build_vae() -> AutoencoderKL:
+def build_vae(widths=(32, 64, 64), groups: int = NORM_GROUPS, image_size: int = IMAGE_SIZE) -> AutoencoderKL:
+    """A Stable Diffusion VAE (4 latent channels) that downsamples by 2 ** (len(widths) - 1)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * len(widths),
+        up_block_types=("UpDecoderBlock2D",) * len(widths),
+        block_out_channels=tuple(widths),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=NORM_GROUPS,
-        sample_size=IMAGE_SIZE,
+        norm_num_groups=groups,
+        sample_size=image_size,
     )
 
 
@@ -59,18 +60,22 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(
+    widths=(32, 64, 64), text_width: int = TEXT_WIDTH, groups: int = NORM_GROUPS, sample_size: int = LATENT_SIZE
+) -> UNet2DConditionModel:
+    """A Stable Diffusion UNet: cross-attention at every resolution but the lowest, as in SD 1.5."""
+    cross_attention = len(widths) - 1
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH,
+        block_out_channels=tuple(widths),
+        down_block_types=("CrossAttnDownBlock2D",) * cross_attention + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * cross_attention,
+        cross_attention_dim=text_width,
         attention_head_dim=8,
-        norm_num_groups=NORM_GROUPS,
+        norm_num_groups=groups,
     )
 
 

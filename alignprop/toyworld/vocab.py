@@ -11,12 +11,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignprop.tiny import bytes_to_unicode
 from alignprop.toyworld.captions import grammar_words
 
 END_OF_WORD = "</w>"
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_LENGTH = 16  # tokens per prompt, start and end included; captions need 9
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of CLIP's byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, [chr(c) for c in codes]))
 
 
 def word_symbols(word: str) -> list[str]:

@@ -14,3 +14,4 @@ def test_held_out_pairs_never_appear_in_training_captions():
 def test_shipped_prompt_files_match_the_split_and_load_as_prompt_sets():
     for split, captions in split_captions().items():
         assert load_prompts(str(prompt_file(split))) == captions
+        assert load_prompts(f"toyworld_{split}") == captions  # the named prompt sets
