@@ -74,6 +74,35 @@ def evaluation_latents(count: int, unet, scheduler, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def generate_images(
+    pipeline,
+    unet,
+    prompts: list[str],
+    latents: torch.Tensor,
+    steps: int,
+    guidance: float,
+    eta: float = 0.0,
+    native_dtype: bool = False,
+    fold_lora: bool = False,
+) -> torch.Tensor:
+    """One batch of images in [-1, 1] for `prompts` from `latents`: the training sampler, without gradient."""
+    conditioning = encode_prompts(pipeline, prompts)
+    latents = latents.to(unet.device)
+    final = sample(
+        unet,
+        pipeline.scheduler,
+        conditioning,
+        latents,
+        (False,) * steps,
+        guidance,
+        eta=eta,
+        native_dtype=native_dtype,
+        fold_lora=fold_lora,
+    )
+    return decode(pipeline.vae, final, native_dtype=native_dtype)
+
+
+@torch.no_grad()
 def generate_and_score(
     pipeline,
     unet,
@@ -89,26 +118,17 @@ def generate_and_score(
     Prompt i always gets latent i of the seeded draw, so a subset (`indices`, e.g. one process's share)
     produces exactly the images the full set would.
     """
-    device = unet.device
     latents = evaluation_latents(len(prompts), unet, pipeline.scheduler, seed)
     indices = list(range(len(prompts))) if indices is None else list(indices)
     prompts, latents = [prompts[i] for i in indices], latents[indices]
-    no_grad_plan = (False,) * config.steps
+    sampling = {"eta": config.eta, "native_dtype": config.native_dtype, "fold_lora": config.fold_lora}
     images, rewards, metrics = [], [], {}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        final = sample(
-            unet,
-            pipeline.scheduler,
-            encode_prompts(pipeline, chunk),
-            latents[start : start + batch_size].to(device),
-            no_grad_plan,
-            config.sd_guidance_scale,
-            eta=config.eta,
-            native_dtype=config.native_dtype,
-            fold_lora=config.fold_lora,
+        chunk_latents = latents[start : start + batch_size]
+        batch_images = generate_images(
+            pipeline, unet, chunk, chunk_latents, config.steps, config.sd_guidance_scale, **sampling
         )
-        batch_images = decode(pipeline.vae, final, native_dtype=config.native_dtype)
         result = reward.score(batch_images, chunk)
         images.append(batch_images.cpu())
         rewards.append(result.reward.float().cpu())

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from alignprop.conditioning import encode_prompts
-from alignprop.sampling import decode, initial_latents, sample
+from alignprop.evaluate import evaluation_latents, generate_images
 from alignprop.toyworld import checker
 from alignprop.toyworld.captions import caption, parse
 from alignprop.toyworld.world import all_combinations
@@ -22,26 +21,22 @@ def all_captions() -> list[str]:
     return [caption(shape, colour, background) for shape, colour, background in all_combinations()]
 
 
-@torch.no_grad()
 def generate(
     pipeline, prompts: list[str], seed: int, steps: int = STEPS, guidance: float = GUIDANCE, batch_size: int = 128
 ) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [-1, 1] for `prompts`; image i always starts from latent i of `seed`'s draw."""
-    unet, scheduler = pipeline.unet, pipeline.scheduler
-    latents = initial_latents(len(prompts), unet, scheduler, torch.Generator().manual_seed(seed), unet.device)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        final = sample(
-            unet,
-            scheduler,
-            encode_prompts(pipeline, chunk),
+    latents = evaluation_latents(len(prompts), pipeline.unet, pipeline.scheduler, seed)
+    images = [
+        generate_images(
+            pipeline,
+            pipeline.unet,
+            prompts[start : start + batch_size],
             latents[start : start + batch_size],
-            (False,) * steps,
+            steps,
             guidance,
-            grad_checkpoint=False,
-        )
-        images.append(decode(pipeline.vae, final).cpu())
+        ).cpu()
+        for start in range(0, len(prompts), batch_size)
+    ]
     return torch.cat(images)
 
 

@@ -18,11 +18,9 @@ rising while the ground truth falls.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from ml_collections import ConfigDict
 
 from alignprop.errors import UserError
 from alignprop.rewards import register
@@ -33,25 +31,8 @@ from alignprop.toyworld.captions import Request, parse
 from alignprop.toyworld.world import COLOURS, IMAGE_SIZE, PALETTE, SHAPES
 
 COLOUR_TARGETS = ("shape", "background")  # or any palette colour name
-
-
-@dataclass(frozen=True)
-class Options:
-    """`config.rewards.toyworld`; the defaults apply to keys a config does not have."""
-
-    classifier: str = ""  # shape classifier .safetensors; empty: the shipped one
-    colour_target: str = "shape"  # "shape" | "background" | a palette colour name
-    colour_temperature: float = 30.0  # RGB distance (0..255) scale of the soft colour assignment
-    area_target: float = 0.3  # fraction of the image
-    position_target: tuple[float, float] = (0.3, 0.3)  # x, y in [0, 1] (0, 0 = top left)
-
-    @classmethod
-    def from_config(cls, config: ConfigDict) -> Options:
-        section = config.get("rewards", {}).get("toyworld", {})
-        values = {name: section[name] for name in cls.__dataclass_fields__ if name in section}
-        if "position_target" in values:
-            values["position_target"] = tuple(float(v) for v in values["position_target"])
-        return cls(**values)
+# Settings: config.rewards.toyworld (classifier, colour_target, colour_temperature, area_target, position_target);
+# their defaults and meaning are in config/align_prop.py, like every other reward's.
 
 
 def requests_of(prompts: list[str]) -> list[Request]:
@@ -181,22 +162,22 @@ def load_classifier(path: str) -> shape_classifier.ShapeClassifier:
 
 @register("toyworld_colour")
 def build_colour(config, device, dtype):
-    options = Options.from_config(config)
+    options = config.rewards.toyworld
     return ColourReward(options.colour_target, options.colour_temperature)
 
 
 @register("toyworld_shape")
 def build_shape(config, device, dtype):
-    return LearnedShapeReward(load_classifier(Options.from_config(config).classifier))
+    return LearnedShapeReward(load_classifier(config.rewards.toyworld.classifier))
 
 
 @register("toyworld_area")
 def build_area(config, device, dtype):
-    options = Options.from_config(config)
+    options = config.rewards.toyworld
     return AreaReward(options.area_target, options.colour_temperature)
 
 
 @register("toyworld_position")
 def build_position(config, device, dtype):
-    options = Options.from_config(config)
-    return PositionReward(options.position_target, options.colour_temperature)
+    options = config.rewards.toyworld
+    return PositionReward(tuple(float(v) for v in options.position_target), options.colour_temperature)

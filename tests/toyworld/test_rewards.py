@@ -1,9 +1,9 @@
 import pytest
 import torch
-from ml_collections import ConfigDict
 
 from alignprop.errors import UserError
-from alignprop.rewards import REGISTRY
+from alignprop.presets import load_preset
+from alignprop.rewards import REGISTRY, build_reward
 from alignprop.toyworld import rewards
 from alignprop.toyworld.captions import caption, parse
 from alignprop.toyworld.world import SHAPES
@@ -12,8 +12,10 @@ NAMES = ("toyworld_colour", "toyworld_shape", "toyworld_area", "toyworld_positio
 
 
 def build(name, **options):
-    config = ConfigDict({"reward_fn": name, "rewards": {"toyworld": options}})
-    return REGISTRY[name](config, torch.device("cpu"), torch.float32).freeze()
+    config = load_preset("tiny")
+    config.reward_fn = name
+    config.rewards.toyworld.update(options)
+    return build_reward(config, torch.device("cpu"), torch.float32)
 
 
 def other_shape(shape):
