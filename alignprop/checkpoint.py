@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 from alignprop.errors import UserError
-from alignprop.lora_files import LORA_FILE_NAME
+from alignprop.lora_files import LORA_FILE_NAME, is_original_checkpoint, lora_file
+from alignprop.nonfinite import all_finite, optimizer_tensors
 from alignprop.pause import pause_point
 from alignprop.rundir import os_error_behind
 
+BASE_MODEL = "stablediffusion"  # resume_from(_2) value meaning "the base model, no LoRA" (the original's spelling)
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.pt"
 MARKER_FILE = "checkpoint.json"
@@ -122,8 +124,11 @@ def resolve(resume_from: str) -> Checkpoint:
 
 
 def resolve_lora(source: str) -> Path:
-    """A LoRA to evaluate: a checkpoint or run (as `resolve`), a LoRA directory, or a .safetensors file."""
+    """A LoRA to evaluate: a checkpoint or run (as `resolve`), a LoRA directory, a .safetensors file, or a
+    checkpoint directory of the original AlignProp code (its `pytorch_lora_weights.bin`)."""
     path = Path(source)
+    if is_original_checkpoint(path):
+        return lora_file(path)
     if path.is_file() or (path.is_dir() and (path / LORA_FILE_NAME).is_file() and not looks_like_checkpoint(path)):
         return path if path.is_file() else path / LORA_FILE_NAME
     return resolve(source).lora_path
@@ -234,3 +239,41 @@ def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int,
             f"{str(checkpoint.path)!r} was written by {saved_processes} processes, this launch has {num_processes}; "
             "an exact resume needs the same number (each process has its own random streams)"
         )
+
+
+# --- the training state -----------------------------------------------------------------------------
+
+
+def build_training_state(
+    epoch: int, update: int, trainable: list[str], optimizer, scaler, random_states: list, nonfinite: list[int]
+) -> dict:
+    """What `training_state.pt` holds besides the LoRA: plain tensors and containers only."""
+    return {
+        "epoch": epoch,
+        "update": update,
+        "trainable": trainable,
+        "optimizer": optimizer.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "random": random_states,  # one entry per process, in process order: {"streams": ..., "global": ...}
+        "nonfinite": nonfinite,
+    }
+
+
+STATE_KEYS = ("epoch", "update", "trainable", "optimizer", "scaler", "random")
+
+
+def read_training_state(saved: Checkpoint, trainable: list[str]) -> dict:
+    """The checkpoint's training state, checked to fit this model and to hold only finite numbers."""
+    state = saved.training_state()
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(
+            f"the training state of {str(saved.path)!r} lacks {', '.join(missing)}; it can only be evaluated"
+        )
+    if state["trainable"] != trainable:
+        raise UserError(f"the trainable parameters of {str(saved.path)!r} differ from this model's")
+    if not isinstance(state["optimizer"], dict) or not isinstance(state["optimizer"].get("state"), dict):
+        raise UserError(f"the training state of {str(saved.path)!r} holds no optimizer state")
+    if not all_finite(optimizer_tensors(state["optimizer"])):
+        raise UserError(f"the optimizer state of {str(saved.path)!r} holds NaN/Inf values; resume from an earlier one")
+    return state

@@ -1,40 +1,43 @@
-"""Prompt conditioning: what the UNet needs besides the latents and the timestep.
+"""Prompt conditioning: what the denoiser needs besides the latents and the timestep.
 
-Kept behind one object so that a model family with more conditioning (SDXL: a second text encoder,
-pooled embeddings, time ids) changes only this module, not the sampler.
+A model family (`alignprop.families`) encodes prompts into a `Conditioning`: keyword arguments of its
+denoiser call, per sample (batched, possibly nested as SDXL's `added_cond_kwargs`) and shared by the whole
+batch. The sampler only asks for the keyword arguments of one call, guided ([uncond; cond]) or not.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from diffusers import StableDiffusionPipeline
+
+Kwargs = dict  # name -> tensor, or a nested dict of them (SDXL's added_cond_kwargs)
+
+
+def _concat(first: Kwargs, second: Kwargs) -> Kwargs:
+    """Concatenate two keyword-argument trees along the batch dimension, key by key."""
+    return {
+        key: _concat(value, second[key]) if isinstance(value, dict) else torch.cat([value, second[key]])
+        for key, value in first.items()
+    }
 
 
 @dataclass
 class Conditioning:
-    """Text embeddings of a batch of prompts and of the empty prompt (for classifier-free guidance)."""
+    """The denoiser's prompt inputs for a batch: conditional, unconditional (for guidance) and shared ones."""
 
-    cond: torch.Tensor  # (B, tokens, dim)
-    uncond: torch.Tensor  # (B, tokens, dim)
+    cond: Kwargs
+    uncond: Kwargs | None = None  # None: the family or the call needs no unconditional branch
+    shared: Kwargs = field(default_factory=dict)  # the same for every sample (not concatenated)
+    batch_size: int = 0
 
     def __len__(self) -> int:
-        return self.cond.shape[0]
+        return self.batch_size
 
-    def guided_unet_kwargs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for one batched UNet call over [uncond; cond]."""
-        return {"encoder_hidden_states": torch.cat([self.uncond, self.cond])}
+    def guided_kwargs(self) -> Kwargs:
+        """Keyword arguments for one batched call over [uncond; cond]."""
+        return {**_concat(self.uncond, self.cond), **self.shared}
 
-    def unet_kwargs(self, which: str) -> dict[str, torch.Tensor]:
-        """Keyword arguments for a single UNet call on `which` in {"cond", "uncond"}."""
-        return {"encoder_hidden_states": getattr(self, which)}
-
-
-@torch.no_grad()
-def encode_prompts(pipeline: StableDiffusionPipeline, prompts: list[str]) -> Conditioning:
-    """Encode prompts with the pipeline's own (frozen) text encoder; the empty prompt is the negative."""
-    cond, uncond = pipeline.encode_prompt(
-        prompts, pipeline.text_encoder.device, num_images_per_prompt=1, do_classifier_free_guidance=True
-    )
-    return Conditioning(cond=cond, uncond=uncond)
+    def kwargs(self, which: str) -> Kwargs:
+        """Keyword arguments for a single call on `which` in {"cond", "uncond"}."""
+        return {**getattr(self, which), **self.shared}

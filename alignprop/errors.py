@@ -1,4 +1,12 @@
-"""The one exception type that means "the user asked for something we can't do"."""
+"""The one exception type that means "the user asked for something we can't do", and how it quotes input."""
+
+EXCERPT_CHARS = 80
+
+
+def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
+    """repr(value) on one line, cut to `limit` characters with an ellipsis: never echo a huge user value."""
+    text = " ".join(repr(value.to_dict() if hasattr(value, "to_dict") else value).splitlines())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class UserError(Exception):

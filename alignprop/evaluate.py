@@ -17,15 +17,15 @@ import torch
 from accelerate.utils import gather_object
 from PIL import Image, ImageDraw, ImageFont
 
-from alignprop import models
-from alignprop.conditioning import encode_prompts
+from alignprop.families import Family
 from alignprop.lora_files import add_adapter, read_lora
 from alignprop.prompts import load_prompts
-from alignprop.rewards import Reward, build_reward
+from alignprop.rewards import Reward
 from alignprop.rundir import slugify
-from alignprop.runtime import make_accelerator
-from alignprop.sampling import decode, initial_latents, sample
+from alignprop.sampling import SamplingOptions, generate_images, sampling_options_from_config, seeded_latents
+from alignprop.session import Session, start_trackers
 
+SETTINGS = ("seed", "steps", "guidance_scale", "eta", "update", "num_images")  # in a summary, not a series
 SLUG_LENGTH = 48  # characters of the prompt in an image's file name
 GRID_COLUMNS = 8
 
@@ -68,47 +68,12 @@ class EvalResult:
         return summary
 
 
-def evaluation_latents(count: int, unet, scheduler, seed: int) -> torch.Tensor:
-    """All evaluation latents from one CPU generator seeded with `seed`: the same whatever the batching."""
-    return initial_latents(count, unet, scheduler, torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def generate_images(
-    pipeline,
-    unet,
-    prompts: list[str],
-    latents: torch.Tensor,
-    steps: int,
-    guidance: float,
-    eta: float = 0.0,
-    native_dtype: bool = False,
-    fold_lora: bool = False,
-) -> torch.Tensor:
-    """One batch of images in [-1, 1] for `prompts` from `latents`: the training sampler, without gradient."""
-    conditioning = encode_prompts(pipeline, prompts)
-    latents = latents.to(unet.device)
-    final = sample(
-        unet,
-        pipeline.scheduler,
-        conditioning,
-        latents,
-        (False,) * steps,
-        guidance,
-        eta=eta,
-        native_dtype=native_dtype,
-        fold_lora=fold_lora,
-    )
-    return decode(pipeline.vae, final, native_dtype=native_dtype)
-
-
 @torch.no_grad()
 def generate_and_score(
-    pipeline,
-    unet,
+    model: Family,
     reward: Reward,
     prompts: list[str],
-    config,
+    options: SamplingOptions,
     batch_size: int,
     seed: int,
     indices: list[int] | None = None,
@@ -118,17 +83,13 @@ def generate_and_score(
     Prompt i always gets latent i of the seeded draw, so a subset (`indices`, e.g. one process's share)
     produces exactly the images the full set would.
     """
-    latents = evaluation_latents(len(prompts), unet, pipeline.scheduler, seed)
+    latents = seeded_latents(len(prompts), model, seed)
     indices = list(range(len(prompts))) if indices is None else list(indices)
     prompts, latents = [prompts[i] for i in indices], latents[indices]
-    sampling = {"eta": config.eta, "native_dtype": config.native_dtype, "fold_lora": config.fold_lora}
     images, rewards, metrics = [], [], {}
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        chunk_latents = latents[start : start + batch_size]
-        batch_images = generate_images(
-            pipeline, unet, chunk, chunk_latents, config.steps, config.sd_guidance_scale, **sampling
-        )
+        batch_images = generate_images(model, chunk, latents[start : start + batch_size], options)
         result = reward.score(batch_images, chunk)
         images.append(batch_images.cpu())
         rewards.append(result.reward.float().cpu())
@@ -148,11 +109,11 @@ def evaluation_prompts(config) -> list[str]:
 
 
 class Evaluator:
-    """Evaluates whatever LoRA the pipeline's UNet holds; each process does a share, all get the result."""
+    """Evaluates whatever LoRA the model's denoiser holds; each process does a share, all get the result."""
 
-    def __init__(self, accelerator, pipeline, reward: Reward, prompts: list[str], config, batch_size: int):
-        self.accelerator, self.pipeline, self.reward = accelerator, pipeline, reward
-        self.prompts, self.config, self.batch_size = prompts, config, batch_size
+    def __init__(self, accelerator, model: Family, reward: Reward, prompts: list[str], options, batch_size: int):
+        self.accelerator, self.model, self.reward = accelerator, model, reward
+        self.prompts, self.options, self.batch_size = prompts, options, batch_size
 
     def __call__(self, seed: int) -> EvalResult:
         rank, count = self.accelerator.process_index, self.accelerator.num_processes
@@ -160,28 +121,16 @@ class Evaluator:
         mine = None
         if indices:
             mine = generate_and_score(
-                self.pipeline,
-                self.pipeline.unet,
-                self.reward,
-                self.prompts,
-                self.config,
-                self.batch_size,
-                seed,
-                indices,
+                self.model, self.reward, self.prompts, self.options, self.batch_size, seed, indices
             )
         return EvalResult.merge(gather_object([(indices, mine)]))
 
 
-def build_evaluator(config, batch_size: int, run_dir: Path) -> Evaluator:
-    """The accelerator, the frozen pipeline and the reward for evaluation-only runs (evaluate, soup)."""
-    accelerator = make_accelerator(config, run_dir)
-    dtype = models.inference_dtype(config.mixed_precision)
-    pipeline = models.load_pipeline(config.pretrained.model, config.pretrained.revision, dtype)
-    pipeline.to(accelerator.device)
-    reward = build_reward(config, accelerator.device, dtype)
-    if accelerator.is_main_process and config.tracker != "none":
-        accelerator.init_trackers("alignprop", config=json.loads(config.to_json_best_effort()))
-    return Evaluator(accelerator, pipeline, reward, evaluation_prompts(config), config, batch_size)
+def evaluator_for(session: Session, config, batch_size: int) -> Evaluator:
+    """The evaluation of `config` (its eval prompts and sampling options) on a session's model and reward."""
+    options = sampling_options_from_config(config)
+    prompts = evaluation_prompts(config)
+    return Evaluator(session.accelerator, session.model, session.reward, prompts, options, batch_size)
 
 
 # --- what gets written ------------------------------------------------------------------------------
@@ -248,9 +197,12 @@ def write_evaluation(result: EvalResult, directory: Path, context: dict, max_ima
 
 
 def log_to_trackers(accelerator, prefix: str, summary: dict, grid: Path | None, step: int) -> None:
-    """Scalars (numbers of the summary) and the grid image to every tracker (wandb, tensorboard)."""
+    """Scalars (numbers of the summary, not the settings: those are the logged config) and the grid image
+    to every tracker (wandb, tensorboard)."""
     scalars = {
-        f"{prefix}/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        f"{prefix}/{k}": v
+        for k, v in summary.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SETTINGS
     }
     accelerator.log(scalars, step=step)
     if grid is None or not accelerator.is_main_process:
@@ -280,11 +232,12 @@ def evaluation_context(config, lora: str | None, mode: str) -> dict:
     }
 
 
-def run_evaluation(config, batch_size: int, run_dir: Path, lora: Path | None) -> EvalResult:
+def run_evaluation(session: Session, config, batch_size: int, run_dir: Path, lora: Path | None) -> EvalResult:
     """Evaluate one LoRA (or the base model for None) and write run_dir/{images/, grid.png, summary.json}."""
-    evaluator = build_evaluator(config, batch_size, run_dir)
+    evaluator = evaluator_for(session, config, batch_size)
+    start_trackers(session, config, run_dir)
     if lora is not None:
-        add_adapter(evaluator.pipeline.unet, read_lora(lora), adapter_name="default")
+        add_adapter(session.model.denoiser, read_lora(lora), adapter_name="default")
     result = evaluator(config.seed)
     accelerator = evaluator.accelerator
     if accelerator.is_main_process:

@@ -1,7 +1,9 @@
-"""What one invocation does (train, evaluate or soup), with every input checked before anything is written.
+"""What one invocation does (train, evaluate or soup), with everything that can fail checked or loaded
+before anything is written.
 
-`prepare` validates the whole config and the files it names and returns a `Job`; only then is the run
-directory created (`logdir/RUN`, also for a resumed run: the checkpoint's run is never written to).
+`prepare` validates the whole config and the files it names and returns a `Job`; `run_job` then loads the
+model and the reward (the `Session`), and only then creates the run directory (`logdir/RUN`, also for a
+resumed run: the checkpoint's run is never written to).
 """
 
 from __future__ import annotations
@@ -12,24 +14,18 @@ from pathlib import Path
 
 from alignprop import checkpoint, evaluate, runtime, soup, train
 from alignprop.batching import BatchPlan
+from alignprop.checkpoint import BASE_MODEL
 from alignprop.errors import UserError
 from alignprop.lora_files import check_matches_config, read_lora
 from alignprop.rundir import DISK_FULL, cannot_write, create_run_dir, os_error_behind, write_config
-
-BASE_MODEL = soup.BASE_MODEL  # resume_from value meaning "evaluate the base model, no LoRA"
+from alignprop.session import Session, build_session
 
 
 @dataclass(frozen=True)
 class Job:
     kind: str  # "train" | "evaluate" | "soup"
-    plan: BatchPlan
-    work: Callable[[Path], object]  # run_dir -> result
-
-
-def check_eval_options(config) -> None:
-    count = config.eval_images_per_prompt
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise UserError(f"eval_images_per_prompt must be a positive integer, got {count!r}")
+    batches: BatchPlan
+    work: Callable[[Session, Path], object]  # (session, run_dir) -> result
 
 
 def evaluation_lora(config) -> Path | None:
@@ -42,32 +38,32 @@ def evaluation_lora(config) -> Path | None:
     if config.resume_from == BASE_MODEL:
         return None
     path = checkpoint.resolve_lora(config.resume_from)
-    read_lora(path)  # readable and a diffusers UNet LoRA
+    read_lora(path)  # readable and a diffusers LoRA
     return path
 
 
-def prepare_training(config, plan: BatchPlan) -> Job:
-    train.check_options(config)
+def prepare_training(config, batches: BatchPlan) -> Job:
     if config.resume_from:
         saved = checkpoint.resolve(config.resume_from)
-        checkpoint.check_resumable(saved, config.num_epochs, plan.num_processes, plan.updates_per_epoch)
+        checkpoint.check_resumable(saved, config.num_epochs, batches.num_processes, batches.updates_per_epoch)
         check_matches_config(read_lora(saved.lora_path), config.lora)
         saved.training_state()  # readable (and plain data) before the run directory is made
         config.resume_from = str(saved.path)  # the exact checkpoint, as config.json will record it
-    return Job("train", plan, lambda run_dir: train.train(config, plan, run_dir))
+    return Job("train", batches, lambda session, run_dir: train.train(config, batches, run_dir, session))
 
 
 def prepare(config, num_processes: int) -> Job:
     """Validate everything (raising UserError) and say what to run; writes nothing."""
-    plan = runtime.validate(config, num_processes)
-    check_eval_options(config)
+    batches = runtime.validate(config, num_processes)
+    size = batches.batch_size
     if config.soup_inference:
         inputs = soup.prepare(config)
-        return Job("soup", plan, lambda run_dir: soup.run_soup(config, plan.batch_size, run_dir, inputs))
+        return Job("soup", batches, lambda session, run_dir: soup.run_soup(session, config, size, run_dir, inputs))
     if config.only_eval:
         lora = evaluation_lora(config)
-        return Job("evaluate", plan, lambda run_dir: evaluate.run_evaluation(config, plan.batch_size, run_dir, lora))
-    return prepare_training(config, plan)
+        work = lambda session, run_dir: evaluate.run_evaluation(session, config, size, run_dir, lora)  # noqa: E731
+        return Job("evaluate", batches, work)
+    return prepare_training(config, batches)
 
 
 def shared_run_dir(config) -> Path:
@@ -86,12 +82,32 @@ def shared_run_dir(config) -> Path:
     return Path(holder[0])
 
 
-def run(config) -> tuple[Job, Path, object]:
-    """Prepare, create the run directory, run; returns the job, the directory and the job's result."""
+def describe(job: Job, config, run_dir: Path) -> str:
+    """The start-up lines: where things go and, for training, the batch arithmetic."""
+    lines = [f"run directory: {run_dir}"]
+    if job.kind == "train":
+        b = job.batches
+        lines += [
+            f"batches: {b.num_processes} process(es) x {b.batch_size} samples per pass x "
+            f"{b.gradient_accumulation_steps} passes = {config.train.total_batch_size} samples per update; "
+            f"{b.updates_per_epoch} update(s) per epoch x {config.num_epochs} epochs",
+            f"checkpoints: {run_dir / checkpoint.CHECKPOINTS_DIR} (every {config.save_freq} epochs); "
+            f"final LoRA: {run_dir / 'lora'}; metrics: {run_dir / 'metrics.jsonl'}",
+        ]
+    return "\n".join(lines)
+
+
+def run_job(config) -> tuple[Job, Path, object]:
+    """Prepare, load, create the run directory, run; returns the job, the directory and the job's result."""
+    from accelerate import PartialState
+
     job = prepare(config, runtime.process_count())
+    session = build_session(config)  # a model or reward that cannot load fails here, before any file exists
     run_dir = shared_run_dir(config)
+    if PartialState().is_main_process:
+        print(describe(job, config, run_dir), flush=True)
     try:
-        return job, run_dir, job.work(run_dir)
+        return job, run_dir, job.work(session, run_dir)
     except Exception as error:
         problem = os_error_behind(error)
         if problem is None or not (isinstance(error, checkpoint.SaveError) or problem.errno in DISK_FULL):

@@ -3,16 +3,24 @@
 The file is what `StableDiffusionPipeline.save_lora_weights` writes (`pytorch_lora_weights.safetensors`,
 keys `unet.<module>.lora.down/up.weight`, the peft `LoraConfig` in the header), so the same file loads
 into a stock diffusers pipeline with `load_lora_weights(directory)`.
+
+The original AlignProp code's checkpoints (accelerate state directories) hold their LoRA as
+`pytorch_lora_weights.bin` instead: a torch pickle in diffusers' old attention-processor layout
+(`<attention>.processor.to_q_lora.down.weight`, ..., `to_out_lora.up.weight`, sometimes prefixed `unet.`).
+`read_lora` reads it with `torch.load(weights_only=True)` and converts it with diffusers' own key mapping.
+Those processors added `up(down(x))` to each projection unscaled, i.e. alpha = rank in peft's terms.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers.utils import convert_unet_state_dict_to_peft
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils.state_dict_utils import StateDictType
 from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
@@ -21,6 +29,7 @@ from safetensors.torch import load_file
 from alignprop.errors import UserError
 
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
+ORIGINAL_LORA_FILE_NAME = "pytorch_lora_weights.bin"  # the original code's (old attention-processor layout)
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header field for the adapter's LoraConfig
 PREFIX = "unet."
 
@@ -40,24 +49,59 @@ class LoraWeights:
     def ranks(self) -> set[int]:
         return {tensor.shape[0] for key, tensor in self.tensors.items() if key.endswith("lora.down.weight")}
 
+    @property
+    def from_original_code(self) -> bool:
+        """Read from an original AlignProp checkpoint (its LoRA file has no optimizer state we can use)."""
+        return self.source.name == ORIGINAL_LORA_FILE_NAME
+
     def config_value(self, name: str):
-        return (self.metadata or {}).get(PREFIX + name)
+        """A LoraConfig field (r, lora_alpha, target_modules): from the header, or as diffusers infers it for
+        a file without one (rank from the tensors, alpha = rank)."""
+        if self.metadata is not None:
+            return self.metadata.get(PREFIX + name)
+        if len(self.ranks) != 1:
+            return None
+        (rank,) = self.ranks
+        inferred = {"r": rank, "lora_alpha": rank, "target_modules": sorted({short_name(m) for m in self.modules})}
+        return inferred.get(name)
 
     def unet_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors without the "unet." prefix, in peft's naming (`lora_A` / `lora_B`)."""
         return convert_unet_state_dict_to_peft({k.removeprefix(PREFIX): v for k, v in self.tensors.items()})
 
 
+def short_name(module: str) -> str:
+    """`...attn1.to_q` -> `to_q`, `...attn1.to_out.0` -> `to_out.0`: the name lora.target_modules uses."""
+    parts = module.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def is_original_checkpoint(path: Path) -> bool:
+    """A directory the original AlignProp code wrote (its LoRA in `pytorch_lora_weights.bin`), not this project.
+
+    It can be evaluated and souped; training resumed from it starts a new optimizer (none is readable there)."""
+    path = Path(path)
+    return path.is_dir() and (path / ORIGINAL_LORA_FILE_NAME).is_file() and not (path / LORA_FILE_NAME).is_file()
+
+
 def lora_file(path: Path) -> Path:
     """The weights file of a LoRA directory (or the file itself)."""
-    return path / LORA_FILE_NAME if path.is_dir() else path
+    if not path.is_dir():
+        return path
+    return path / (ORIGINAL_LORA_FILE_NAME if is_original_checkpoint(path) else LORA_FILE_NAME)
 
 
 def read_lora(path: Path) -> LoraWeights:
-    """Read a diffusers LoRA file safely (safetensors: tensors only, no code); UserError when it is not one."""
+    """Read a diffusers LoRA file, or an original AlignProp one, safely (tensors only, no code); UserError when
+    it is neither."""
     file = lora_file(Path(path))
     if not file.is_file():
-        raise UserError(f"no LoRA weights at {str(file)!r} (expected a {LORA_FILE_NAME} file)")
+        raise UserError(
+            f"no LoRA weights at {str(file)!r} (expected a {LORA_FILE_NAME} file, or the original code's "
+            f"{ORIGINAL_LORA_FILE_NAME})"
+        )
+    if file.suffix == ".bin":
+        return read_original_lora(file)
     try:
         tensors = load_file(str(file), device="cpu")
         with safe_open(str(file), framework="pt", device="cpu") as handle:
@@ -68,6 +112,34 @@ def read_lora(path: Path) -> LoraWeights:
     if not tensors or not all(key.startswith(PREFIX) and ".lora." in key for key in tensors):
         raise UserError(f"{str(file)!r} is not a diffusers UNet LoRA (keys like 'unet.<module>.lora.down.weight')")
     return LoraWeights(tensors, metadata, file)
+
+
+def read_original_lora(file: Path) -> LoraWeights:
+    """The original code's `pytorch_lora_weights.bin` (what `unet.save_attn_procs` wrote), in our format."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Weights only load failed" in reason:
+            reason = "it needs arbitrary code to unpickle (refused: only tensors load)"
+        raise UserError(f"cannot read LoRA weights {str(file)!r}: {reason}") from None
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(value, torch.Tensor) for value in state.values())
+        or not all(isinstance(key, str) and ".processor." in key and "_lora." in key for key in state)
+    ):
+        raise UserError(
+            f"{str(file)!r} is not an attention-processor LoRA (keys like "
+            "'<attention>.processor.to_q_lora.down.weight')"
+        )
+    # diffusers' own mappings: old processor keys -> peft's (`to_q.lora_A`) -> its LoRA file format (`to_q.lora.down`)
+    peft_keys = convert_unet_state_dict_to_peft({key.removeprefix(PREFIX): value for key, value in state.items()})
+    tensors = convert_state_dict_to_diffusers(peft_keys, original_type=StateDictType.PEFT)
+    unknown = sorted(key for key in tensors if not key.endswith((".lora.down.weight", ".lora.up.weight")))
+    if unknown:
+        raise UserError(f"{str(file)!r} holds LoRA tensors of unknown projections (e.g. {unknown[0]})")
+    return LoraWeights({PREFIX + key: value for key, value in tensors.items()}, None, file)
 
 
 def check_same_layout(a: LoraWeights, b: LoraWeights) -> None:

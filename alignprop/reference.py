@@ -1,6 +1,6 @@
 """A plain transcription of the original AlignProp sampling loop: the yardstick for tests and benchmarks.
 
-Two UNet calls per step for classifier-free guidance, autograd on at every step, each call optionally
+Two denoiser calls per step for classifier-free guidance, autograd on at every step, each call optionally
 checkpointed, and the noise predictions `.detach()`ed where the truncation plan says so. Our sampler
 (`alignprop.sampling.sample`) must give the same gradients, faster.
 """
@@ -13,11 +13,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from alignprop.conditioning import Conditioning
+from alignprop.families import Family
 
 
 def reference_sample(
-    unet,
-    scheduler,
+    model: Family,
     conditioning: Conditioning,
     latents: torch.Tensor,
     keep_grad: Sequence[bool],
@@ -26,20 +26,20 @@ def reference_sample(
     grad_checkpoint: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    scheduler.set_timesteps(len(keep_grad), device=latents.device)
-    for keep, timestep in zip(keep_grad, scheduler.timesteps):
-        model_input = latents.to(unet.dtype)
+    timesteps = model.set_timesteps(len(keep_grad), latents.device)
+    for keep, timestep in zip(keep_grad, timesteps):
+        model_input = latents.to(model.denoiser.dtype)
         predictions = []
         for which in ("uncond", "cond"):
-            kwargs = conditioning.unet_kwargs(which)
+            kwargs = conditioning.kwargs(which)
             if grad_checkpoint:
-                out = checkpoint(unet, model_input, timestep, use_reentrant=False, **kwargs).sample
+                out = checkpoint(model.predict, model_input, timestep, kwargs, use_reentrant=False)
             else:
-                out = unet(model_input, timestep, **kwargs).sample
+                out = model.predict(model_input, timestep, kwargs)
             predictions.append(out.to(latents.dtype))
         uncond, cond = predictions
         if not keep:
             uncond, cond = uncond.detach(), cond.detach()
         noise = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(noise, timestep, latents, eta=eta, generator=generator).prev_sample
+        latents = model.step(noise, timestep, latents, eta=eta, generator=generator)
     return latents

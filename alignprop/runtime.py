@@ -1,21 +1,17 @@
-"""Everything decided once before a run starts: validation, the accelerator, the run directory.
-
-Configuration errors are found here, before anything is written under `logdir`.
-"""
+"""Validation of a whole config, before anything is written under `logdir`, and the process count."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate import PartialState
 
-from alignprop import prompts, rewards
+from alignprop import prompts, rewards, schema
 from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
 from alignprop.models import check_model_available, check_model_name, inference_dtype
-from alignprop.sampling import truncation_from_config
+from alignprop.truncation import truncation_from_config
 
 logger = logging.getLogger(__name__)
 TRACKERS = ("none", "wandb", "tensorboard")
@@ -30,10 +26,29 @@ def effective_mixed_precision(requested: str) -> str:
     return requested
 
 
+def check_tracker_installed(tracker: str) -> None:
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available}.get(tracker)
+    if available is not None and not available():
+        raise UserError(f"tracker={tracker} needs the {tracker} package (in requirements.txt): pip install {tracker}")
+
+
+def check_cadence(config) -> None:
+    """The checkpoint, evaluation and non-finite settings."""
+    keys = (("save_freq", 0), ("num_checkpoint_limit", 1), ("vis_freq", 0), ("max_vis_images", 0))
+    for key, minimum in (*keys, ("max_nonfinite_in_a_row", 1), ("eval_images_per_prompt", 1)):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise UserError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
 def validate(config, num_processes: int) -> BatchPlan:
     """Check the whole config (raising UserError) and fill in derived fields; returns the batch plan."""
+    schema.check(config)
     if config.tracker not in TRACKERS:
         raise UserError(f"tracker={config.tracker!r}; choose one of: {', '.join(TRACKERS)}")
+    check_tracker_installed(config.tracker)
     if config.train.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -46,22 +61,12 @@ def validate(config, num_processes: int) -> BatchPlan:
     prompts.load_prompts(config.prompt_fn)
     prompts.load_prompts(config.eval_prompt_fn)
     truncation_from_config(config)
-    plan = plan_batches(config.train, num_processes)
-    fill_derived_fields(config.train, plan)
-    return plan
+    check_cadence(config)
+    batches = plan_batches(config.train, num_processes)
+    fill_derived_fields(config.train, batches)
+    return batches
 
 
 def process_count() -> int:
     """Processes in this launch (accelerate / torchrun), without reading any variable ourselves."""
     return PartialState(cpu=not torch.cuda.is_available()).num_processes
-
-
-def make_accelerator(config, run_dir) -> Accelerator:
-    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-    torch.backends.cudnn.allow_tf32 = config.allow_tf32
-    return Accelerator(
-        mixed_precision=config.mixed_precision,
-        cpu=not torch.cuda.is_available(),
-        log_with=None if config.tracker == "none" else config.tracker,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)),
-    )

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from alignprop import checkpoint
+from alignprop.checkpoint import BASE_MODEL
 from alignprop.errors import UserError
-from alignprop.evaluate import EvalResult, build_evaluator, evaluation_context, log_to_trackers, write_evaluation
+from alignprop.evaluate import EvalResult, evaluation_context, evaluator_for, log_to_trackers, write_evaluation
 from alignprop.lora_files import LoraWeights, add_adapter, check_same_layout, copy_into_adapter, read_lora
 from alignprop.plot import line_plot
+from alignprop.session import start_trackers
 
 SOUP_MODES = ("params", "delta")
-BASE_MODEL = "stablediffusion"  # resume_from_2 value meaning "no LoRA" (the original's spelling)
 TABLE_NAME = "soup"  # soup.csv, soup.json, soup.png
 
 
@@ -159,10 +160,11 @@ def coefficient_dir(coefficient: float) -> str:
     return f"coef_{coefficient:g}"
 
 
-def run_soup(config, batch_size: int, run_dir: Path, inputs: SoupInputs) -> list[dict]:
+def run_soup(session, config, batch_size: int, run_dir: Path, inputs: SoupInputs) -> list[dict]:
     """Evaluate the soup at every coefficient; run_dir/coef_<c>/ holds each evaluation, soup.* the table."""
-    evaluator = build_evaluator(config, batch_size, run_dir)
-    soup = Soup(evaluator.pipeline.unet, inputs)
+    evaluator = evaluator_for(session, config, batch_size)
+    start_trackers(session, config, run_dir)
+    soup = Soup(session.model.denoiser, inputs)
     accelerator, rows = evaluator.accelerator, []
     b_name = BASE_MODEL if inputs.b is None else str(inputs.b.source)
     context = {

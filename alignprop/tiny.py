@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from alignprop.cache import cache_root
@@ -76,22 +77,28 @@ def build_tiny_pipeline(directory: Path) -> StableDiffusionPipeline:
 
 
 def tiny_pipeline_dir(root: Path | None = None) -> Path:
-    """Directory holding the saved tiny pipeline; built on first use, atomically.
+    """Directory holding the saved tiny pipeline; built on first use, atomically (see `cached_pipeline_dir`)."""
+    return cached_pipeline_dir(TINY_VERSION, build_tiny_pipeline, root)
+
+
+def cached_pipeline_dir(name: str, builder: Callable[[Path], DiffusionPipeline], root: Path | None = None) -> Path:
+    """`root/name` (root defaults to the cache) holding `builder(scratch_dir).save_pretrained(...)`; built once.
 
     Under torch.distributed only global rank 0 may build it (transformers writes weights on rank 0 only),
-    so the main process goes first and the others then find it.
+    so the main process goes first and the others then find it. `name` must be versioned: a finished
+    directory is reused as is, never rebuilt.
     """
     with PartialState().main_process_first():
-        return _build_once((root or cache_root()) / TINY_VERSION)
+        return _build_once((root or cache_root()) / name, builder)
 
 
-def _build_once(target: Path) -> Path:
+def _build_once(target: Path, builder: Callable[[Path], DiffusionPipeline]) -> Path:
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_pipeline(staging).save_pretrained(staging / "pipeline")
+        builder(staging).save_pretrained(staging / "pipeline")
         try:
             (staging / "pipeline").rename(target)
         except OSError:  # another process finished first; its copy is identical

@@ -16,6 +16,8 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from alignprop import models, tiny
+from alignprop.families import Family
+from alignprop.toyworld.components import sampling_scheduler
 
 ARCHITECTURES = ("tiny", "sd15")
 
@@ -81,7 +83,7 @@ def build_sd15(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipel
         text_encoder=text_encoder.to(dtype),
         tokenizer=tokenizer,
         unet=unet.to(dtype),
-        scheduler=tiny.build_scheduler(),  # SD1.5's scheduler settings; prepare_pipeline makes it DDIM
+        scheduler=sampling_scheduler(),  # SD1.5's scaled-linear DDIM settings
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -94,5 +96,7 @@ def build_pipeline(arch: str, device: torch.device, dtype: torch.dtype) -> Stabl
         # Through the real loader, like a downloaded checkpoint.
         return models.load_pipeline("tiny", dtype=dtype).to(device)
     if arch == "sd15":
-        return models.prepare_pipeline(build_sd15(device, dtype))
+        pipeline = build_sd15(device, dtype)
+        Family(pipeline).prepare()
+        return pipeline
     raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")

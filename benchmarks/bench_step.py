@@ -56,11 +56,12 @@ from pathlib import Path
 import torch
 from ml_collections import ConfigDict
 
-from alignprop import models
-from alignprop.conditioning import encode_prompts
+from alignprop.families import family_of
+from alignprop.lora import FoldedLoRA, add_lora
 from alignprop.reference import reference_sample
 from alignprop.rewards import build_reward
-from alignprop.sampling import STRATEGIES, Truncation, decode, guided_noise, initial_latents, sample
+from alignprop.sampling import SamplingOptions, decode, guided_prediction, initial_latents, sample
+from alignprop.truncation import STRATEGIES, Truncation
 from benchmarks.architectures import ARCHITECTURES, build_pipeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -135,8 +136,12 @@ class Bench:
     forward_ms: dict[str, float] = field(default_factory=dict)  # cache: forward timing key -> ms
 
     @property
+    def model(self):
+        return family_of(self.pipeline)
+
+    @property
     def unet(self):
-        return self.pipeline.unet
+        return self.model.denoiser
 
     def autocast(self):
         """Mixed precision as the Trainer runs it (accelerate's autocast); off in float32."""
@@ -146,7 +151,7 @@ class Bench:
 def make_bench(args) -> Bench:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     pipeline = build_pipeline(args.arch, device, dtype)
-    params = models.add_lora(pipeline.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
+    params = add_lora(family_of(pipeline).denoiser, rank=4, alpha=4, target_modules=LORA_TARGETS)
     reward = build_reward(ConfigDict({"reward_fn": args.reward}), device, dtype)
     return Bench(pipeline, params, reward, device, dtype, args.steps)
 
@@ -162,7 +167,7 @@ def truncation(strategy: str, steps: int) -> Truncation:
 
 def draw_plans(strategy: str, steps: int, count: int, seed: int) -> list[tuple[bool, ...]]:
     generator = torch.Generator().manual_seed(seed)
-    return [truncation(strategy, steps).plan(generator) for _ in range(count)]
+    return [truncation(strategy, steps).draw(generator) for _ in range(count)]
 
 
 def forward_equivalents(plan, grad_checkpoint: bool) -> int:
@@ -252,8 +257,8 @@ def set_memory_format(pipeline, memory_format: torch.memory_format) -> None:
 
 def batched_inputs(bench: Bench, batch: int):
     generator = torch.Generator().manual_seed(1)
-    latents = initial_latents(batch, bench.unet, bench.pipeline.scheduler, generator, bench.device)
-    conditioning = encode_prompts(bench.pipeline, [PROMPTS[i % len(PROMPTS)] for i in range(batch)])
+    latents = initial_latents(batch, bench.model, generator, bench.device)
+    conditioning = bench.model.encode([PROMPTS[i % len(PROMPTS)] for i in range(batch)])
     timestep = torch.tensor(500, device=bench.device)
     return latents, conditioning, timestep
 
@@ -274,9 +279,10 @@ def unet_forward_ms(bench: Bench, batch: int, variant: Variant, repeats: int) ->
         latents, conditioning, timestep = batched_inputs(bench, batch)
 
         def forward():
-            guided_noise(bench.unet, latents, timestep, conditioning, GUIDANCE, False, variant.native_dtype)
+            options = SamplingOptions(1, GUIDANCE, grad_checkpoint=False, native_dtype=variant.native_dtype)
+            guided_prediction(bench.model, latents, timestep, conditioning, options)
 
-        folded = models.FoldedLoRA(bench.unet).applied() if variant.fold_lora else contextlib.nullcontext()
+        folded = FoldedLoRA(bench.unet).applied() if variant.fold_lora else contextlib.nullcontext()
         with variant_settings(bench, variant), torch.no_grad(), bench.autocast(), folded:
             forward()  # warm-up: kernel selection, allocator
             times = [timed(bench.device, forward) for _ in range(repeats)]
@@ -290,7 +296,8 @@ def forward_backward_fe(bench: Bench, batch: int, repeats: int) -> float:
 
     def forward_backward():
         with bench.autocast():
-            noise = guided_noise(bench.unet, latents, timestep, conditioning, GUIDANCE, False)
+            options = SamplingOptions(1, GUIDANCE, grad_checkpoint=False)
+            noise = guided_prediction(bench.model, latents, timestep, conditioning, options)
         noise.float().square().mean().backward()
 
     forward_backward()
@@ -306,7 +313,7 @@ def text_encode_ms(bench: Bench, batch: int, repeats: int) -> float:
 
     def encode():
         with bench.autocast():
-            encode_prompts(bench.pipeline, prompts)
+            bench.model.encode(prompts)
 
     encode()
     return 1000 * statistics.median(timed(bench.device, encode) for _ in range(repeats))
@@ -316,29 +323,25 @@ def text_encode_ms(bench: Bench, batch: int, repeats: int) -> float:
 
 
 def training_step(bench: Bench, variant: Variant, optimizer, plan, batch: int, seed: int) -> float:
-    """One full step (as Trainer.forward + update); returns the loss."""
+    """One full step (as Trainer.train_update with one micro-batch); returns the loss."""
     prompts = [PROMPTS[(seed + i) % len(PROMPTS)] for i in range(batch)]
-    scheduler = bench.pipeline.scheduler
-    latents = initial_latents(batch, bench.unet, scheduler, torch.Generator().manual_seed(seed), bench.device)
+    model = bench.model
+    latents = initial_latents(batch, model, torch.Generator().manual_seed(seed), bench.device)
+    options = SamplingOptions(
+        len(plan),
+        GUIDANCE,
+        grad_checkpoint=variant.grad_checkpoint,
+        decode_checkpoint=variant.decode_checkpoint,
+        native_dtype=variant.native_dtype,
+        fold_lora=variant.fold_lora,
+    )
     with bench.autocast():
-        conditioning = encode_prompts(bench.pipeline, prompts)
+        conditioning = model.encode(prompts)
         if variant.reference:
-            final = reference_sample(bench.unet, scheduler, conditioning, latents, plan, GUIDANCE)
+            final = reference_sample(model, conditioning, latents, plan, GUIDANCE)
         else:
-            final = sample(
-                bench.unet,
-                scheduler,
-                conditioning,
-                latents,
-                plan,
-                GUIDANCE,
-                grad_checkpoint=variant.grad_checkpoint,
-                native_dtype=variant.native_dtype,
-                fold_lora=variant.fold_lora,
-            )
-        images = decode(
-            bench.pipeline.vae, final, grad_checkpoint=variant.decode_checkpoint, native_dtype=variant.native_dtype
-        )
+            final = sample(model, conditioning, latents, plan, options)
+        images = decode(model, final, None if variant.reference else options)
         result = bench.reward.score(images, prompts)
     loss = result.loss.float().mean()
     if loss.requires_grad:  # False only when the plan kept no step

@@ -16,13 +16,17 @@ def reward_options():
     paths, or fetched from the hub when the path is empty. See alignprop/rewards/<name>.py.
     """
     rewards = ml_collections.ConfigDict()
+    # How images become CLIP inputs (aesthetic, hps, pickscore, clip_score): "processor" = each model's own
+    # processor (antialiased bicubic resize + centre crop); "original" = the original AlignProp code's
+    # torchvision Resize(224) on the tensor (bilinear, no antialiasing, no crop). The paper presets use "original".
+    rewards.preprocess = "processor"
 
     rewards.aesthetic = aesthetic = ml_collections.ConfigDict()
     aesthetic.clip_model = "openai/clip-vit-large-patch14"
     aesthetic.processor = ""  # preprocessor_config.json source; empty: clip_model
-    aesthetic.head_path = ""  # local LAION head (.pth state dict or .safetensors); empty: the hub file below
-    aesthetic.head_repo = "trl-lib/ddpo-aesthetic-predictor"
-    aesthetic.head_filename = "aesthetic-model.pth"  # TRL's copy of sac+logos+ava1-l14-linearMSE.pth
+    aesthetic.head_path = ""  # LAION head (.pth state dict or .safetensors); empty: the shipped assets/aesthetic/ copy
+    aesthetic.head_repo = ""  # with head_path empty, fetch the head from this hub repo instead, e.g.
+    aesthetic.head_filename = "aesthetic-model.pth"  # "trl-lib/ddpo-aesthetic-predictor" (TRL's copy of the head)
 
     rewards.hps = hps = ml_collections.ConfigDict()
     hps.version = "v2.0"  # "v2.0" (AlignProp's) | "v2.1"
@@ -65,6 +69,11 @@ def general():
     config.allow_tf32 = True
     config.debug = False
     config.tracker = "none"  # "none" | "wandb" | "tensorboard"; logs/RUN/metrics.jsonl is always written
+    config.wandb = wandb = ml_collections.ConfigDict()  # with tracker="wandb"
+    wandb.project = "alignprop"  # also tensorboard's sub-directory name
+    wandb.entity = ""  # empty: wandb's default
+    wandb.name = ""  # empty: the run directory's name
+    wandb.tags = ()
     # A NaN/Inf loss or gradient skips its update (logged); this many in a row stop the run.
     config.max_nonfinite_in_a_row = 3
 
@@ -164,6 +173,7 @@ def _paper_finetune(config, reward_fn, prompt_fn, eval_prompt_fn, num_epochs):
     config.truncation_strategy = "per_step_uniform"
     config.truncated_backprop_rand = True
     config.truncated_backprop_minmax = (0, 50)
+    config.rewards.preprocess = "original"  # the original's reward inputs (README: differences from the original)
     return config
 
 
@@ -175,6 +185,7 @@ def _k1(config):
 
 
 def aesthetic():
+    """The paper's aesthetic run: SD 1.5, LAION aesthetic reward, 45 animals, 7 epochs, K ~ U(0, 50) per step."""
     config = _paper_finetune(general(), "aesthetic", "simple_animals", "eval_simple_animals", num_epochs=7)
     config.save_freq = 1
     config.num_checkpoint_limit = 14
@@ -183,28 +194,34 @@ def aesthetic():
 
 
 def aesthetic_k1():
+    """aesthetic with K=1: the gradient flows through the last denoising step's UNet call only."""
     return _k1(aesthetic())
 
 
 def hps():
+    """The paper's HPSv2 run: SD 1.5, HPSv2 reward on the HPSv2 captions, 200 epochs, K ~ U(0, 50) per step."""
     return _paper_finetune(general(), "hps", "hps_v2_all", "eval_hps_v2_all", num_epochs=200)
 
 
 def hps_k1():
+    """hps with K=1: the gradient flows through the last denoising step's UNet call only."""
     return _k1(hps())
 
 
 def evaluate():
+    """Evaluate --config.resume_from (a run, a LoRA, or stablediffusion) on 6 unseen animals, aesthetic reward."""
     config = general()
     config.only_eval = True
     config.reward_fn = "aesthetic"
     config.prompt_fn = "eval_simple_animals"
     config.eval_prompt_fn = "eval_simple_animals"
     config.max_vis_images = 10
+    config.rewards.preprocess = "original"
     return config
 
 
 def evaluate_soup():
+    """Mix two LoRAs (--config.resume_from, --config.resume_from_2) and evaluate the mix on the 45 animals."""
     config = evaluate()
     config.soup_inference = True
     config.prompt_fn = "simple_animals"
@@ -213,8 +230,11 @@ def evaluate_soup():
 
 
 def tiny():
-    """CPU demo, no downloads, about a minute: the shipped toy-world model (assets/toyworld) learns to draw the
-    requested shape on the learned shape reward; the checker's accuracy on held-out captions is logged beside it."""
+    """CPU demo, no downloads, about a minute: the toy-world model learns to draw the requested shape.
+
+    The shipped toy-world model (assets/toyworld) is fine-tuned on the learned shape reward; the checker's accuracy
+    on held-out captions is logged beside it.
+    """
     config = general()
     config.pretrained.model = "toyworld"
     config.mixed_precision = "no"

@@ -124,10 +124,10 @@ def train_lora(args, reward_name: str, strategy: str, label: str) -> tuple:
     config = training_config(args, label, reward_name, strategy)
     print(f"-- {label}: {args.updates} updates", flush=True)
     trainer = Trainer(config, validate(config, num_processes=1), shared_run_dir(config))
-    trainer.run()
+    trainer.fit()
     metrics = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
     records = [record for record in map(json.loads, metrics) if "loss" in record]  # the training updates
-    return trainer.pipeline, records, trainer.run_dir / "lora"
+    return trainer.model.pipeline, records, trainer.run_dir / "lora"
 
 
 def soup_sweep(args, path_a: Path, path_b: Path, rewards, prompts) -> list[dict]:

@@ -1,7 +1,7 @@
 """Tiny runs shared by the train / checkpoint / resume / evaluate / soup / interop / toy-world tests (each made
 once per session).
 
-Not a test module: imported by them. The runs go through `alignprop.jobs.run`, the same path as main.py.
+Not a test module: imported by them. The runs go through `alignprop.jobs.run_job`, the same path as main.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def tiny_config(preset, logdir: Path, **overrides):
 
 def run(config):
     """(run_dir, result) of one invocation, exactly as main.py would do it."""
-    _, run_dir, result = jobs.run(config)
+    _, run_dir, result = jobs.run_job(config)
     return run_dir, result
 
 

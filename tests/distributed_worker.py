@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from alignprop import models  # noqa: E402
+from alignprop.lora import save_lora  # noqa: E402
 from alignprop.presets import load_preset  # noqa: E402
 from alignprop.prompts import load_prompts  # noqa: E402
 from alignprop.runtime import process_count, validate  # noqa: E402
 from alignprop.sampling import initial_latents  # noqa: E402
-from alignprop.train import Trainer  # noqa: E402
+from alignprop.train import MicroBatch, Trainer  # noqa: E402
 
 PROMPTS = load_prompts("toyworld_train")[::7]  # 9 captions of the tiny preset's world
 
@@ -34,24 +34,25 @@ class PinnedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.micro_batches_drawn = 0
         total = self.config.train.total_batch_size * 8
-        self.all_latents = initial_latents(total, self.unet, self.pipeline.scheduler, torch.Generator().manual_seed(7))
+        self.all_latents = initial_latents(total, self.model, torch.Generator().manual_seed(7))
 
-    def draw_batch(self):
-        plan, rank = self.plan, self.accelerator.process_index
-        update, micro = divmod(self.micro_batches_drawn, plan.gradient_accumulation_steps)
+    def draw_micro_batch(self):
+        batches, rank = self.batches, self.accelerator.process_index
+        update, micro = divmod(self.micro_batches_drawn, batches.gradient_accumulation_steps)
         self.micro_batches_drawn += 1
         per_update = self.config.train.total_batch_size
-        first = update * per_update + (rank * plan.gradient_accumulation_steps + micro) * plan.batch_size
-        indices = range(first, first + plan.batch_size)
+        first = update * per_update + (rank * batches.gradient_accumulation_steps + micro) * batches.batch_size
+        indices = range(first, first + batches.batch_size)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in indices]
-        return prompts, self.all_latents[list(indices)].to(self.device), self.truncation.plan(self.random.plans)
+        latents = self.all_latents[list(indices)].to(self.accelerator.device)
+        return MicroBatch(prompts, latents, self.truncation.draw(self.random.plans))
 
     def synchronize_gradients(self):
         super().synchronize_gradients()
         if not hasattr(self, "first_gradients"):  # the averaged gradient of the first update
             self.first_gradients = {
                 name: param.grad.detach().clone()
-                for name, param in self.unet.named_parameters()
+                for name, param in self.denoiser.named_parameters()
                 if param.requires_grad
             }
 
@@ -64,12 +65,12 @@ def main(out_file: str, capacity: int, total_batch: int, updates: int) -> None:
     config.train.total_batch_size = total_batch
     config.train.total_samples_per_epoch = total_batch
     config.logdir = str(Path(out_file).parent / "logs")
-    plan = validate(config, process_count())
-    trainer = PinnedTrainer(config, plan, Path(out_file).parent)
+    batches = validate(config, process_count())
+    trainer = PinnedTrainer(config, batches, Path(out_file).parent)
     for _ in range(updates):
         trainer.train_update()
     if trainer.accelerator.is_main_process:
-        models.save_lora(trainer.unet, Path(out_file))
+        save_lora(trainer.model, Path(out_file))
         save_file(trainer.first_gradients, str(Path(out_file) / "first_gradients.safetensors"))
 
 

@@ -11,9 +11,11 @@ from PIL import Image
 from alignprop import jobs
 from alignprop.errors import UserError
 from alignprop.evaluate import EvalResult, generate_and_score, image_file_name, write_evaluation
+from alignprop.families import family_of
 from alignprop.models import load_pipeline
 from alignprop.prompts import load_prompts
 from alignprop.rewards import build_reward
+from alignprop.sampling import sampling_options_from_config
 
 NASTY_PROMPTS = [
     "a/b\\c",
@@ -60,11 +62,12 @@ def test_evaluation_does_not_depend_on_how_prompts_are_shared_out(tmp_path, pres
     pipeline = load_pipeline(config.pretrained.model)
     reward = build_reward(config, torch.device("cpu"), torch.float32)
     prompts = load_prompts(config.prompt_fn)[:4]
-    whole = generate_and_score(pipeline, pipeline.unet, reward, prompts, config, batch_size=4, seed=3)
+    model, options = family_of(pipeline), sampling_options_from_config(config)
+    whole = generate_and_score(model, reward, prompts, options, batch_size=4, seed=3)
     parts = []
     for rank in range(2):
         indices = list(range(len(prompts)))[rank::2]
-        share = generate_and_score(pipeline, pipeline.unet, reward, prompts, config, 2, seed=3, indices=indices)
+        share = generate_and_score(model, reward, prompts, options, 2, seed=3, indices=indices)
         parts.append((indices, share))
     merged = EvalResult.merge(parts)
     assert merged.prompts == prompts

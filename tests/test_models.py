@@ -2,28 +2,29 @@
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from alignprop import models
-from alignprop.conditioning import encode_prompts
 from alignprop.errors import UserError
-from alignprop.sampling import decode, initial_latents, sample
+from alignprop.families import family_of
+from alignprop.lora import add_lora
+from alignprop.sampling import SamplingOptions, decode, initial_latents, sample
 from alignprop.tiny import build_tiny_pipeline
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def images_from(pipeline, steps=6):
-    latents = initial_latents(2, pipeline.unet, pipeline.scheduler, torch.Generator().manual_seed(0))
+    model = family_of(pipeline)
+    latents = initial_latents(2, model, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        final = sample(
-            pipeline.unet, pipeline.scheduler, encode_prompts(pipeline, ["cat", "dog"]), latents, (False,) * steps, 5.0
-        )
-        return decode(pipeline.vae, final)
+        final = sample(model, model.encode(["cat", "dog"]), latents, (False,) * steps, SamplingOptions(steps, 5.0))
+        return decode(model, final)
 
 
 def test_saved_and_reloaded_tiny_pipeline_gives_identical_samples(tiny_dir, tmp_path):
     in_memory = build_tiny_pipeline(tmp_path)
-    in_memory.scheduler = models.DDIMScheduler.from_config(in_memory.scheduler.config)
+    in_memory.scheduler = DDIMScheduler.from_config(in_memory.scheduler.config)
     for module in (in_memory.unet, in_memory.vae, in_memory.text_encoder):
         module.eval()  # as the loader leaves them (train mode takes other kernels: ~1e-6 differences)
     loaded = models.load_pipeline(str(tiny_dir))
@@ -39,10 +40,10 @@ def test_short_name_loads_the_same_model(tiny_dir):
 @pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_frozen_weights_in_inference_dtype_and_lora_in_fp32(tiny_dir, precision, dtype):
     pipeline = models.load_pipeline(str(tiny_dir), dtype=models.inference_dtype(precision))
-    assert isinstance(pipeline.scheduler, models.DDIMScheduler)
+    assert isinstance(pipeline.scheduler, DDIMScheduler)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         assert all(not p.requires_grad and p.dtype == dtype for p in module.parameters())
-    params = models.add_lora(pipeline.unet, rank=4, alpha=4, target_modules=TARGETS)
+    params = add_lora(pipeline.unet, rank=4, alpha=4, target_modules=TARGETS)
     names = [n for n, p in pipeline.unet.named_parameters() if p.requires_grad]
     assert params and all(p.dtype == torch.float32 for p in params)
     assert all("lora_" in n for n in names)
@@ -55,7 +56,7 @@ def test_frozen_weights_in_inference_dtype_and_lora_in_fp32(tiny_dir, precision,
 def test_lora_starts_as_the_base_model(tiny_dir):
     pipeline = models.load_pipeline(str(tiny_dir))
     before = images_from(pipeline)
-    models.add_lora(pipeline.unet, rank=4, alpha=4, target_modules=TARGETS)
+    add_lora(pipeline.unet, rank=4, alpha=4, target_modules=TARGETS)
     assert torch.equal(before, images_from(pipeline))
 
 
@@ -91,4 +92,4 @@ def test_uncached_hub_id_offline_says_how_to_use_a_local_path(monkeypatch, tmp_p
 def test_bad_lora_targets_are_a_user_error(tiny_dir):
     pipeline = models.load_pipeline(str(tiny_dir))
     with pytest.raises(UserError, match="LoRA"):
-        models.add_lora(pipeline.unet, rank=4, alpha=4, target_modules=("no_such_layer",))
+        add_lora(pipeline.unet, rank=4, alpha=4, target_modules=("no_such_layer",))

@@ -54,12 +54,12 @@ def nan_on_updates(monkeypatch):
 
     def install(nan_updates):
         seen = []
-        forward, train_update = Trainer.forward, Trainer.train_update
+        sample_and_score, train_update = Trainer.sample_and_score, Trainer.train_update
 
-        def poisoned_forward(self):
-            out = forward(self)
+        def poisoned_sample_and_score(self, batch):
+            out = sample_and_score(self, batch)
             if self.update + 1 in nan_updates:
-                out["loss"] = out["loss"] * float("nan")
+                out.loss = out.loss * float("nan")
             return out
 
         def watched_update(self):
@@ -68,7 +68,7 @@ def nan_on_updates(monkeypatch):
             seen.append((record, same(before, snapshot(self))))
             return record
 
-        monkeypatch.setattr(Trainer, "forward", poisoned_forward)
+        monkeypatch.setattr(Trainer, "sample_and_score", poisoned_sample_and_score)
         monkeypatch.setattr(Trainer, "train_update", watched_update)
         return seen
 

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from alignprop import models
-from alignprop.conditioning import encode_prompts
 from alignprop.errors import UserError
+from alignprop.families import family_of
+from alignprop.lora import FoldedLoRA, add_lora
 from alignprop.reference import reference_sample
-from alignprop.sampling import Truncation, decode, initial_latents, native_precision, sample, truncation_from_config
+from alignprop.sampling import SamplingOptions, decode, initial_latents, native_precision, sample
+from alignprop.truncation import Truncation, truncation_from_config
 
 STEPS = 10
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -19,7 +21,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def pipeline64(tiny_dir):
     """The tiny pipeline in float64 with a LoRA whose B factors are non-zero (so every factor gets grad)."""
     pipeline = models.load_pipeline(str(tiny_dir))
-    models.add_lora(pipeline.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
+    add_lora(pipeline.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
     pipeline.to(torch.float64)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -33,15 +35,22 @@ def lora_params(unet):
     return {n: p for n, p in unet.named_parameters() if "lora_" in n}
 
 
+def run_sampler(sampler, model, conditioning, latents, keep_grad, guidance, **options):
+    """Our sampler (options as `SamplingOptions` fields) or the naive loop (its keyword arguments)."""
+    if sampler is reference_sample:
+        return reference_sample(model, conditioning, latents, keep_grad, guidance, **options)
+    return sampler(model, conditioning, latents, keep_grad, SamplingOptions(len(keep_grad), guidance, **options))
+
+
 def lora_grads(pipeline, sampler, keep_grad, guidance=5.0, **options):
     """Gradients of a simple image loss w.r.t. every LoRA tensor, for one sampler and its options."""
-    unet = pipeline.unet
+    model, unet = family_of(pipeline), pipeline.unet
     for p in lora_params(unet).values():
         p.grad = None
-    conditioning = encode_prompts(pipeline, ["cat", "a red dog"])
-    latents = initial_latents(2, unet, pipeline.scheduler, torch.Generator().manual_seed(0)).double()
-    final = sampler(unet, pipeline.scheduler, conditioning, latents, keep_grad, guidance, **options)
-    images = decode(pipeline.vae, final)
+    conditioning = model.encode(["cat", "a red dog"])
+    latents = initial_latents(2, model, torch.Generator().manual_seed(0)).double()
+    final = run_sampler(sampler, model, conditioning, latents, keep_grad, guidance, **options)
+    images = decode(model, final)
     loss = (images - 0.3).square().mean()  # any smooth function of the pixels
     if loss.requires_grad:
         loss.backward()
@@ -61,7 +70,7 @@ def nontrivial_plan(truncation, seed=0):
     """A drawn plan that keeps some steps and (unless full) detaches others."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(100):
-        plan = truncation.plan(generator)
+        plan = truncation.draw(generator)
         if any(plan) and (truncation.strategy == "full" or not all(plan)):
             return plan
     raise AssertionError("no non-trivial plan drawn")
@@ -137,15 +146,12 @@ def test_no_kept_step_means_no_gradient_and_no_error(pipeline64):
 def test_no_grad_sampling_matches_stock_diffusers_pipeline(tiny_dir):
     """Our sampler under no_grad reproduces StableDiffusionPipeline.__call__ (DDIM, CFG) on the same latents."""
     pipeline = models.load_pipeline(str(tiny_dir))
-    latents = initial_latents(2, pipeline.unet, pipeline.scheduler, torch.Generator().manual_seed(5))
+    model = family_of(pipeline)
+    latents = initial_latents(2, model, torch.Generator().manual_seed(5))
     prompts = ["cat", "dog"]
     with torch.no_grad():
-        ours = decode(
-            pipeline.vae,
-            sample(
-                pipeline.unet, pipeline.scheduler, encode_prompts(pipeline, prompts), latents, (False,) * STEPS, 5.0
-            ),
-        )
+        final = sample(model, model.encode(prompts), latents, (False,) * STEPS, SamplingOptions(STEPS, 5.0))
+        ours = decode(model, final)
     stock = pipeline(prompts, num_inference_steps=STEPS, guidance_scale=5.0, latents=latents, output_type="pt").images
     torch.testing.assert_close((ours + 1) / 2, stock, atol=2e-5, rtol=0)
 
@@ -155,11 +161,11 @@ def test_no_grad_sampling_matches_stock_diffusers_pipeline(tiny_dir):
 
 def draw(truncation, count, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return [truncation.plan(generator) for _ in range(count)]
+    return [truncation.draw(generator) for _ in range(count)]
 
 
 def test_fixed_cut_49_keeps_only_the_last_step():
-    plan = Truncation("fixed", 50, cut=49).plan(torch.Generator())
+    plan = Truncation("fixed", 50, cut=49).draw(torch.Generator())
     assert plan == (False,) * 49 + (True,)
 
 
@@ -188,7 +194,7 @@ def test_gaussian_cut_stays_in_range():
 
 
 def test_full_keeps_every_step():
-    assert Truncation("full", 7).plan(torch.Generator()) == (True,) * 7
+    assert Truncation("full", 7).draw(torch.Generator()) == (True,) * 7
 
 
 @pytest.mark.parametrize(
@@ -237,18 +243,18 @@ def test_folded_lora_gives_the_reference_gradients(pipeline64, keep_grad):
 
 
 def test_folded_lora_inference_matches_and_restores_the_weights(pipeline64):
-    unet = pipeline64.unet
+    model, unet = family_of(pipeline64), pipeline64.unet
     before = {n: (p, p.detach().clone()) for n, p in unet.named_parameters()}
-    conditioning = encode_prompts(pipeline64, ["cat"])
-    latents = initial_latents(1, unet, pipeline64.scheduler, torch.Generator().manual_seed(0)).double()
+    conditioning = model.encode(["cat"])
+    latents = initial_latents(1, model, torch.Generator().manual_seed(0)).double()
     with torch.no_grad():
-        plain = sample(unet, pipeline64.scheduler, conditioning, latents, (False,) * 4, 5.0)
-        folded = sample(unet, pipeline64.scheduler, conditioning, latents, (False,) * 4, 5.0, fold_lora=True)
+        plain = sample(model, conditioning, latents, (False,) * 4, SamplingOptions(4, 5.0))
+        folded = sample(model, conditioning, latents, (False,) * 4, SamplingOptions(4, 5.0, fold_lora=True))
     torch.testing.assert_close(folded, plain, rtol=1e-10, atol=1e-12)
     after = dict(unet.named_parameters())
     for name, (param, value) in before.items():
         assert after[name] is param and torch.equal(param, value), name
-    layers = models.FoldedLoRA(unet).layers
+    layers = FoldedLoRA(unet).layers
     assert layers and not any(layer.disable_adapters for layer in layers)
 
 

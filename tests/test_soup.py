@@ -14,8 +14,10 @@ from checkpoint_runs import evaluated_run, read_metrics, run, straight_run, tiny
 from alignprop import jobs, soup
 from alignprop.checkpoint import resolve_lora
 from alignprop.errors import UserError
+from alignprop.families import family_of
+from alignprop.lora import add_lora, save_lora
 from alignprop.lora_files import read_lora
-from alignprop.models import add_lora, load_pipeline, save_lora
+from alignprop.models import load_pipeline
 from alignprop.presets import load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,14 +29,15 @@ def loras(preset, tmp_path_factory):
     run_dir = straight_run(preset, tmp_path_factory)
     a = read_lora(run_dir / "checkpoints" / "checkpoint_2")
     b = read_lora(run_dir / "checkpoints" / "checkpoint_1")
-    unet = load_pipeline(preset("tiny").pretrained.model).unet
+    pipeline = load_pipeline(preset("tiny").pretrained.model)
+    unet = pipeline.unet
     add_lora(unet, rank=2, alpha=2, target_modules=("to_q",))
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     directory = tmp_path_factory.mktemp("other_layout")
-    save_lora(unet, directory)
+    save_lora(family_of(pipeline), directory)
     return {"a": a, "b": b, "c": read_lora(directory), "run_dir": run_dir}
 
 
@@ -102,6 +105,7 @@ def test_delta_mix_is_linear_in_the_coefficient(loras, partner):
 def test_soup_at_coefficient_one_gives_the_evaluate_images(preset, tmp_path_factory, loras):
     from alignprop.evaluate import generate_and_score
     from alignprop.rewards import build_reward
+    from alignprop.sampling import sampling_options_from_config
 
     _, evaluated = evaluated_run(preset, tmp_path_factory)  # checkpoint_2 = A
     config = preset("tiny")
@@ -109,7 +113,8 @@ def test_soup_at_coefficient_one_gives_the_evaluate_images(preset, tmp_path_fact
     for mode in soup.SOUP_MODES:
         pipeline = load_pipeline(config.pretrained.model)
         soup.Soup(pipeline.unet, soup.SoupInputs(loras["a"], loras["b"], mode, (1.0,))).set_coefficient(1.0)
-        images = generate_and_score(pipeline, pipeline.unet, reward, evaluated.prompts, config, 4, seed=42).images
+        options = sampling_options_from_config(config)
+        images = generate_and_score(family_of(pipeline), reward, evaluated.prompts, options, 4, seed=42).images
         assert torch.allclose(images, evaluated.images, atol=1e-6), mode
 
 

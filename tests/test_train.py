@@ -18,8 +18,8 @@ def tiny(preset, tmp_path, **overrides):
 
 
 def make_trainer(config):
-    plan = validate(config, num_processes=1)
-    return Trainer(config, plan, create_run_dir(config.logdir, config.run_name))
+    batches = validate(config, num_processes=1)
+    return Trainer(config, batches, create_run_dir(config.logdir, config.run_name))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_demo_writes_its_outputs(demo):
 
 def frozen_weights(trainer) -> dict:
     """Every non-LoRA tensor of the UNet, VAE and text encoder."""
-    modules = {"unet": trainer.unet, "vae": trainer.pipeline.vae, "text": trainer.pipeline.text_encoder}
+    pipeline = trainer.model.pipeline
+    modules = {"unet": trainer.denoiser, "vae": pipeline.vae, "text": pipeline.text_encoder}
     return {
         f"{prefix}.{name}": tensor.clone()
         for prefix, module in modules.items()
@@ -75,13 +76,14 @@ def frozen_weights(trainer) -> dict:
 def test_only_lora_changes_in_an_update(preset, tmp_path):
     trainer = make_trainer(tiny(preset, tmp_path))
     frozen = frozen_weights(trainer)
-    lora_before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+    lora_before = {n: p.detach().clone() for n, p in trainer.denoiser.named_parameters() if p.requires_grad}
     trainer.train_update()
     trainer.train_update()  # the second update moves lora_A too (B starts at zero)
     now = frozen_weights(trainer)
     assert all(torch.equal(frozen[k], now[k]) for k in frozen), "a frozen weight changed"
     assert all("lora_" in n for n in lora_before)
-    changed = [n for n, p in trainer.unet.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    params = trainer.denoiser.named_parameters()
+    changed = [n for n, p in params if p.requires_grad and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before), "every LoRA tensor should have moved"
     assert all(not p.requires_grad for p in trainer.reward.parameters())
 

@@ -8,26 +8,33 @@ non-linearity), applied to the L2-normalised CLIP image embedding. It regresses 
 Weights (config.rewards.aesthetic):
   clip_model     hub id or local directory of a CLIP vision tower (default openai/clip-vit-large-patch14);
   processor      where its preprocessor_config.json lives (empty: clip_model);
-  head_path      local head file (.pth state dict with keys layers.0.weight, ..., or .safetensors);
-  head_repo, head_filename   otherwise fetched from the hub: trl-lib/ddpo-aesthetic-predictor,
-                 aesthetic-model.pth (the same LAION head, as published for TRL's DDPO example).
+  head_path      a head file (.pth state dict with keys layers.0.weight, ..., or .safetensors); empty: the
+                 copy the original AlignProp repository shipped, in assets/aesthetic/ (no download);
+  head_repo, head_filename   when head_path is empty and head_repo is set, the head is fetched from that
+                 hub repo instead, e.g. trl-lib/ddpo-aesthetic-predictor, aesthetic-model.pth (the same
+                 LAION head as published for TRL's DDPO example).
 
 Loss, as in the original: |r - aesthetic_target| x grad_scale, or -r x grad_scale when the target is None.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
-from alignprop.rewards import register
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.hf_clip import load_image_spec, load_pretrained, unit
 from alignprop.rewards.loading import load_weights_into, resolve_file
 from alignprop.rewards.preprocess import ImageSpec, prepare
+from alignprop.rewards.registry import RewardSettings, register
 
 OPTIONS = "config.rewards.aesthetic"
+# The LAION head as the original AlignProp repository shipped it (assets/README.md has its sha256).
+SHIPPED_HEAD = Path(__file__).resolve().parents[2] / "assets" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
 
 
 class AestheticHead(nn.Module):
@@ -76,20 +83,20 @@ class Aesthetic(Reward):
         return RewardResult(loss=loss * self.grad_scale, reward=reward.detach())
 
 
-def load_aesthetic(options, target: float | None, grad_scale: float, dtype: torch.dtype) -> Aesthetic:
-    # The small head file first, so that a missing one fails before the CLIP download.
-    head_file = resolve_file(
-        options.head_path, options.head_repo, options.head_filename, f"{OPTIONS}.head_path"
-    )
-    vision = load_pretrained(
-        CLIPVisionModelWithProjection, options.clip_model, f"{OPTIONS}.clip_model", dtype
-    )
+def head_file(options) -> Path:
+    """head_path if set, else the hub file when head_repo is set, else the shipped copy."""
+    if not options.head_path and not options.head_repo:
+        return SHIPPED_HEAD
+    return resolve_file(options.head_path, options.head_repo, options.head_filename, f"{OPTIONS}.head_path")
+
+
+@register("aesthetic", section="aesthetic")
+def load_aesthetic(settings: RewardSettings) -> Aesthetic:
+    options = settings.options
+    head_path = head_file(options)  # the small file first, so that a missing one fails before the CLIP download
+    vision = load_pretrained(CLIPVisionModelWithProjection, options.clip_model, f"{OPTIONS}.clip_model", settings.dtype)
     spec = load_image_spec(options.processor or options.clip_model, f"{OPTIONS}.processor")
     head = AestheticHead(vision.config.projection_dim)
-    load_weights_into(head, head_file, "LAION aesthetic head", f"{OPTIONS}.head_path")
-    return Aesthetic(vision, head, spec, target, grad_scale)
-
-
-@register("aesthetic")
-def build(config, device, dtype):
-    return load_aesthetic(config.rewards.aesthetic, config.aesthetic_target, config.grad_scale, dtype)
+    load_weights_into(head, head_path, "LAION aesthetic head", f"{OPTIONS}.head_path")
+    spec = replace(spec, mode=settings.preprocess)
+    return Aesthetic(vision, head, spec, settings.aesthetic_target, settings.grad_scale)

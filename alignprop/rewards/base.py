@@ -24,7 +24,7 @@ class RewardResult:
 
 
 class Reward(torch.nn.Module, abc.ABC):
-    """Base class. Subclasses implement `score`; calling the object gives `(loss, reward)`.
+    """Base class. Subclasses implement `score`, the one way to use a reward.
 
     Rewards are frozen: their parameters never require grad and they stay in eval mode.
     """
@@ -32,10 +32,6 @@ class Reward(torch.nn.Module, abc.ABC):
     @abc.abstractmethod
     def score(self, images: torch.Tensor, prompts: list[str]) -> RewardResult:
         """Score a batch of images (N, 3, H, W) in [-1, 1] against their prompts."""
-
-    def forward(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        result = self.score(images, prompts)
-        return result.loss, result.reward
 
     def freeze(self) -> Reward:
         self.requires_grad_(False)

@@ -10,9 +10,9 @@ Weights (config.rewards.clip_score): `model` is any transformers CLIPModel, hub 
 
 from __future__ import annotations
 
-from alignprop.rewards import register
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.hf_clip import ClipEmbedder, load_clip_embedder
+from alignprop.rewards.registry import RewardSettings, register
 
 
 class ClipScore(Reward):
@@ -25,6 +25,6 @@ class ClipScore(Reward):
         return RewardResult(loss=1 - reward, reward=reward.detach())
 
 
-@register("clip_score")
-def build(config, device, dtype):
-    return ClipScore(load_clip_embedder(config.rewards.clip_score, "config.rewards.clip_score", dtype))
+@register("clip_score", section="clip_score")
+def build(settings: RewardSettings) -> ClipScore:
+    return ClipScore(load_clip_embedder(settings, "config.rewards.clip_score"))

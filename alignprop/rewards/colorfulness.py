@@ -7,9 +7,9 @@ reads ~15 as "slightly", ~60 as "quite", ~110 as "extremely" colourful.
 
 import torch
 
-from alignprop.rewards import register
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.images import to_unit_range
+from alignprop.rewards.registry import register
 
 EPS = 1e-6  # keeps sqrt differentiable at exactly grey images
 
@@ -31,5 +31,5 @@ class Colorfulness(Reward):
 
 
 @register("colorfulness")
-def build(config, device, dtype):
+def build(settings):
     return Colorfulness()

@@ -3,7 +3,8 @@
 
 loss = sum_i w_i x loss_i and reward = sum_i w_i x reward_i. Each component's own (unweighted) reward is
 in `metrics` under its name, and its own metrics under "name/metric", so every part is logged beside the
-total. Each component reads its usual options (config.rewards.<name>, aesthetic_target, ...).
+total. Each component is built the way it would be alone, from its usual options (config.rewards.<name>,
+aesthetic_target, ...).
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from alignprop.errors import UserError
-from alignprop.rewards import REGISTRY, check_reward_name, register
 from alignprop.rewards.base import Reward, RewardResult
+from alignprop.rewards.registry import RewardSettings, check_reward_name, register
 
 OPTION = "config.rewards.combination"
 
@@ -54,8 +55,7 @@ class Combined(Reward):
         return RewardResult(loss=loss, reward=reward.detach(), metrics=metrics)
 
 
-@register("combined")
-def build(config, device, dtype):
-    weights = parse_combination(config.rewards.combination)
-    components = {name: REGISTRY[name](config, device, dtype) for name in weights}
-    return Combined(components, weights)
+@register("combined", section="combination")
+def build(settings: RewardSettings) -> Combined:
+    weights = parse_combination(settings.options)
+    return Combined({name: settings.build_part(name) for name in weights}, weights)

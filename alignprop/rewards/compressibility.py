@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alignprop.rewards import register
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.images import to_unit_range
+from alignprop.rewards.registry import register
 
 
 def total_variation(pixels: torch.Tensor) -> torch.Tensor:
@@ -43,5 +43,5 @@ class Compressibility(Reward):
 
 
 @register("compressibility")
-def build(config, device, dtype):
+def build(settings):
     return Compressibility()

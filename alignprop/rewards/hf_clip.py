@@ -7,6 +7,7 @@ Models load in the inference dtype with SDPA attention; embeddings are normalise
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 import transformers
@@ -63,9 +64,7 @@ def load_tokenizer(source: str, option: str, vocab_size: int) -> CLIPTokenizer:
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source)
     except Exception as error:
-        raise UserError(
-            f"cannot load a CLIP tokenizer from {source!r} ({first_line(error)}); check {option}"
-        ) from None
+        raise UserError(f"cannot load a CLIP tokenizer from {source!r} ({first_line(error)}); check {option}") from None
     # transformers builds an empty tokenizer, without complaint, from a directory lacking vocab files.
     if len(tokenizer) != vocab_size:
         raise UserError(
@@ -129,10 +128,13 @@ class ClipEmbedder(torch.nn.Module):
         return unit(self.model.get_text_features(**tokens).pooler_output)
 
 
-def load_clip_embedder(options, prefix: str, dtype: torch.dtype) -> ClipEmbedder:
-    """The CLIPModel `options.model`, with tokenizer and image spec from `options.processor` (empty: the
-    model's own). `prefix` names the options in error messages, e.g. "config.rewards.pickscore"."""
+def load_clip_embedder(settings, prefix: str) -> ClipEmbedder:
+    """The CLIPModel `settings.options.model`, with tokenizer and image spec from `options.processor` (empty:
+    the model's own), preprocessing in `settings.preprocess` mode. `prefix` names the options in error
+    messages, e.g. "config.rewards.pickscore"."""
+    options = settings.options
     processor_source = options.processor or options.model
-    model = load_pretrained(CLIPModel, options.model, f"{prefix}.model", dtype)
+    model = load_pretrained(CLIPModel, options.model, f"{prefix}.model", settings.dtype)
     tokenizer = load_tokenizer(processor_source, f"{prefix}.processor", model.config.text_config.vocab_size)
-    return ClipEmbedder(model, tokenizer, load_image_spec(processor_source, f"{prefix}.processor"))
+    spec = replace(load_image_spec(processor_source, f"{prefix}.processor"), mode=settings.preprocess)
+    return ClipEmbedder(model, tokenizer, spec)

@@ -13,16 +13,17 @@ Weights (config.rewards.hps):
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import open_clip
 import torch
 
 from alignprop.errors import UserError
-from alignprop.rewards import register
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.hf_clip import unit
 from alignprop.rewards.loading import load_weights_into, resolve_file
 from alignprop.rewards.preprocess import ImageSpec, prepare
+from alignprop.rewards.registry import RewardSettings, register
 
 OPTIONS = "config.rewards.hps"
 CHECKPOINT_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -32,9 +33,7 @@ OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloa
 
 def checkpoint_filename(version: str) -> str:
     if version not in CHECKPOINT_FILES:
-        raise UserError(
-            f"{OPTIONS}.version={version!r} is unknown; choose one of {', '.join(CHECKPOINT_FILES)}"
-        )
+        raise UserError(f"{OPTIONS}.version={version!r} is unknown; choose one of {', '.join(CHECKPOINT_FILES)}")
     return CHECKPOINT_FILES[version]
 
 
@@ -88,15 +87,13 @@ class HPS(Reward):
         return RewardResult(loss=1 - reward, reward=reward.detach())
 
 
-def load_hps(options, dtype: torch.dtype) -> HPS:
+@register("hps", section="hps")
+def load_hps(settings: RewardSettings) -> HPS:
+    options = settings.options
     filename = checkpoint_filename(options.version)
     # Find the file before building the ~1B-parameter model, so a missing file fails fast.
     path = resolve_file(options.checkpoint, options.repo, filename, f"{OPTIONS}.checkpoint")
-    model = create_open_clip(options.model_name, dtype)
+    model = create_open_clip(options.model_name, settings.dtype)
     load_weights_into(model, path, f"HPSv2 {options.model_name}", f"{OPTIONS}.checkpoint")
-    return HPS(model, open_clip.get_tokenizer(options.model_name), image_spec(model))
-
-
-@register("hps")
-def build(config, device, dtype):
-    return load_hps(config.rewards.hps, dtype)
+    spec = replace(image_spec(model), mode=settings.preprocess)
+    return HPS(model, open_clip.get_tokenizer(options.model_name), spec)

@@ -46,9 +46,7 @@ def pretrained_source(source: str, option: str) -> str:
     if path.exists():
         raise UserError(f"{option}={source!r} is a file; point it at a model directory or a hub id")
     if not HUB_ID.match(source):
-        raise UserError(
-            f"{option}={source!r} is neither an existing directory nor a hub id like 'owner/name'"
-        )
+        raise UserError(f"{option}={source!r} is neither an existing directory nor a hub id like 'owner/name'")
     return source
 
 

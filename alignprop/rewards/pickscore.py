@@ -11,9 +11,9 @@ Weights (config.rewards.pickscore):
 
 from __future__ import annotations
 
-from alignprop.rewards import register
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.hf_clip import ClipEmbedder, load_clip_embedder
+from alignprop.rewards.registry import RewardSettings, register
 
 
 class PickScore(Reward):
@@ -27,6 +27,6 @@ class PickScore(Reward):
         return RewardResult(loss=-reward, reward=reward.detach(), metrics={"cosine": cosine.detach()})
 
 
-@register("pickscore")
-def build(config, device, dtype):
-    return PickScore(load_clip_embedder(config.rewards.pickscore, "config.rewards.pickscore", dtype))
+@register("pickscore", section="pickscore")
+def build(settings: RewardSettings) -> PickScore:
+    return PickScore(load_clip_embedder(settings, "config.rewards.pickscore"))

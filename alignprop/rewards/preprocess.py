@@ -1,10 +1,15 @@
-"""Differentiable image preprocessing shared by the CLIP-based rewards.
+"""Differentiable image preprocessing shared by the CLIP-based rewards, in two modes (`rewards.preprocess`).
 
-The reward models were trained on images prepared by PIL-based processors (transformers'
+"processor": what the reward models were trained with, their PIL-based processors (transformers'
 CLIPImageProcessor, open_clip's transform): resize the shortest side to the model's size with bicubic
-filtering, centre-crop, scale to [0, 1], normalise by the model's mean/std. `prepare` does the same
-with torch ops so the reward's gradient reaches the pixels. Differences from PIL come from PIL's 8-bit
-intermediate image and are small (tests/rewards/test_preprocess.py states the tolerance).
+filtering, centre-crop, scale to [0, 1], normalise by the model's mean/std. We do the same with torch ops
+so the reward's gradient reaches the pixels. Differences from PIL come from PIL's 8-bit intermediate image
+and are small (tests/rewards/test_preprocess.py states the tolerance).
+
+"original": what the original AlignProp code fed its aesthetic and HPS models, torchvision 0.15's
+`Resize(224)` on the image tensor (shortest side, bilinear, no antialiasing, no crop) and the mean/std.
+Without antialiasing a 512 -> 224 resize reads only the 2x2 pixels around each sample point, so the
+gradient reaches a fraction of the pixels; the paper's presets use it because the paper trained with it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from alignprop.errors import UserError
 from alignprop.rewards.images import to_unit_range
 
 # The OpenAI CLIP training statistics; open_clip and most CLIP checkpoints on the hub use them too.
@@ -27,6 +33,7 @@ class ImageSpec:
 
     `crop_offset` is how an odd excess is split: "floor" as transformers' processors do, "round" (half to
     even) as torchvision's CenterCrop in open_clip's transform does; they differ by one pixel.
+    `mode` "original" resizes as the original AlignProp code did instead (see the module docstring).
     """
 
     resize: int
@@ -34,6 +41,7 @@ class ImageSpec:
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     crop_offset: str = "floor"
+    mode: str = "processor"
 
 
 def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -52,6 +60,12 @@ def resize_shortest_side(pixels: torch.Tensor, size: int) -> torch.Tensor:
     resized = F.interpolate(pixels, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
     # PIL works on 8-bit images, so its bicubic overshoot at edges saturates; match it.
     return resized.clamp(0, 1)
+
+
+def resize_like_original(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision 0.15's `Resize(size)` on a tensor: shortest side to `size`, bilinear, no antialiasing."""
+    height, width = shortest_side_size(pixels.shape[-2], pixels.shape[-1], size)
+    return F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=False, align_corners=False)
 
 
 def center_crop(pixels: torch.Tensor, height: int, width: int, offset: str = "floor") -> torch.Tensor:
@@ -73,6 +87,15 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
 
 def prepare(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     """Images in [-1, 1] (N, 3, H, W) -> the model's normalised input, float32, differentiable."""
-    pixels = resize_shortest_side(to_unit_range(images), spec.resize)
-    pixels = center_crop(pixels, *spec.crop, offset=spec.crop_offset)
+    if spec.mode == "original":
+        pixels = resize_like_original(to_unit_range(images), spec.resize)
+        if tuple(pixels.shape[-2:]) != spec.crop:  # the original never cropped: only square images fit the model
+            raise UserError(
+                f"rewards.preprocess='original' resizes {tuple(images.shape[-2:])} images to "
+                f"{tuple(pixels.shape[-2:])} without cropping, but the reward model takes {spec.crop}; "
+                "use square images or rewards.preprocess='processor'"
+            )
+    else:
+        pixels = resize_shortest_side(to_unit_range(images), spec.resize)
+        pixels = center_crop(pixels, *spec.crop, offset=spec.crop_offset)
     return normalize(pixels, spec.mean, spec.std)

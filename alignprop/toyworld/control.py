@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from alignprop.evaluate import evaluation_latents, generate_images
+from alignprop.families import family_of
+from alignprop.sampling import SamplingOptions, generate_images, seeded_latents
 from alignprop.toyworld import checker
 from alignprop.toyworld.captions import caption, parse
 from alignprop.toyworld.world import all_combinations
@@ -25,16 +26,10 @@ def generate(
     pipeline, prompts: list[str], seed: int, steps: int = STEPS, guidance: float = GUIDANCE, batch_size: int = 128
 ) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [-1, 1] for `prompts`; image i always starts from latent i of `seed`'s draw."""
-    latents = evaluation_latents(len(prompts), pipeline.unet, pipeline.scheduler, seed)
+    model, options = family_of(pipeline), SamplingOptions(steps=steps, guidance_scale=guidance)
+    latents = seeded_latents(len(prompts), model, seed)
     images = [
-        generate_images(
-            pipeline,
-            pipeline.unet,
-            prompts[start : start + batch_size],
-            latents[start : start + batch_size],
-            steps,
-            guidance,
-        ).cpu()
+        generate_images(model, prompts[start : start + batch_size], latents[start : start + batch_size], options).cpu()
         for start in range(0, len(prompts), batch_size)
     ]
     return torch.cat(images)

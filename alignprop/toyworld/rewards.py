@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 
 from alignprop.errors import UserError
-from alignprop.rewards import register
 from alignprop.rewards.base import Reward, RewardResult
+from alignprop.rewards.registry import RewardSettings, register
 from alignprop.toyworld import CLASSIFIER_FILE, checker
 from alignprop.toyworld import classifier as shape_classifier
 from alignprop.toyworld.captions import Request, parse
 from alignprop.toyworld.world import COLOURS, IMAGE_SIZE, PALETTE, SHAPES
 
 COLOUR_TARGETS = ("shape", "background")  # or any palette colour name
-# Settings: config.rewards.toyworld (classifier, colour_target, colour_temperature, area_target, position_target);
-# their defaults and meaning are in config/align_prop.py, like every other reward's.
+# Settings: config.rewards.toyworld (classifier, colour_target, colour_temperature, area_target, position_target),
+# handed to the builders as `settings.options`; their defaults and meaning are in config/align_prop.py.
+OPTIONS = "toyworld"
 
 
 def requests_of(prompts: list[str]) -> list[Request]:
@@ -160,24 +161,24 @@ def load_classifier(path: str) -> shape_classifier.ShapeClassifier:
     return shape_classifier.load(file)
 
 
-@register("toyworld_colour")
-def build_colour(config, device, dtype):
-    options = config.rewards.toyworld
+@register("toyworld_colour", section=OPTIONS)
+def build_colour(settings: RewardSettings) -> ColourReward:
+    options = settings.options
     return ColourReward(options.colour_target, options.colour_temperature)
 
 
-@register("toyworld_shape")
-def build_shape(config, device, dtype):
-    return LearnedShapeReward(load_classifier(config.rewards.toyworld.classifier))
+@register("toyworld_shape", section=OPTIONS)
+def build_shape(settings: RewardSettings) -> LearnedShapeReward:
+    return LearnedShapeReward(load_classifier(settings.options.classifier))
 
 
-@register("toyworld_area")
-def build_area(config, device, dtype):
-    options = config.rewards.toyworld
+@register("toyworld_area", section=OPTIONS)
+def build_area(settings: RewardSettings) -> AreaReward:
+    options = settings.options
     return AreaReward(options.area_target, options.colour_temperature)
 
 
-@register("toyworld_position")
-def build_position(config, device, dtype):
-    options = config.rewards.toyworld
+@register("toyworld_position", section=OPTIONS)
+def build_position(settings: RewardSettings) -> PositionReward:
+    options = settings.options
     return PositionReward(tuple(float(v) for v in options.position_target), options.colour_temperature)

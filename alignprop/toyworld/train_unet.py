@@ -142,6 +142,9 @@ def train(args) -> dict:
 
     unet, text_encoder = ema.average
     pipeline = assemble(vae, text_encoder, tokenizer, unet).to("cpu", torch.float16)
+    # Stored in fp32 (exactly the fp16 values): stock diffusers loads its own components as float32 but a
+    # transformers model in its stored dtype, and would then mix the two.
+    pipeline.text_encoder.to(torch.float32)
     pipeline.save_pretrained(args.out)
     # Measure what ships: the fp16 files, loaded by the project's loader.
     shipped = models.load_pipeline(str(args.out)).to(device)

@@ -108,10 +108,12 @@ def tiny_reward_config(preset, tiny_clip_dir, aesthetic_head_file, tiny_open_cli
 @pytest.fixture(scope="session")
 def load_reward(tiny_reward_config):
     """load_reward(reward_fn, dtype, options={"aesthetic.head_path": ...}, **top_level_overrides) -> a frozen
-    reward on CPU, built by build_reward; `options` keys are paths under config.rewards."""
+    reward on CPU, built by build_reward; `options` keys are paths under config.rewards. Preprocessing is the
+    models' own ("processor", which crops the non-square test images) unless options say otherwise."""
 
     def load(reward_fn: str, dtype: torch.dtype = torch.float32, options=None, **overrides):
         config = tiny_reward_config(reward_fn)
+        config.rewards.preprocess = "processor"
         config.update(overrides)
         for path, value in (options or {}).items():
             *sections, key = path.split(".")

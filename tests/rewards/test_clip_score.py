@@ -32,6 +32,4 @@ def test_score_is_the_cosine_of_the_models_embeddings(load_reward, tiny_clip_dir
 
 def test_the_prompt_matters(load_reward, images):
     reward = load_reward("clip_score")
-    assert not torch.allclose(
-        reward.score(images, PROMPTS).reward, reward.score(images, PROMPTS[::-1]).reward
-    )
+    assert not torch.allclose(reward.score(images, PROMPTS).reward, reward.score(images, PROMPTS[::-1]).reward)

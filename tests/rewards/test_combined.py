@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alignprop.errors import UserError
-from alignprop.rewards import REGISTRY
+from alignprop.rewards import REGISTRY, RewardSettings
 from alignprop.rewards.combined import Combined, parse_combination
 
 PROMPTS = ["a cat", "a watercolor painting of a fox in the snow"]
@@ -32,7 +32,7 @@ def test_parse_errors(text, message):
 def test_weighted_sum_and_per_component_metrics(load_reward, images):
     combined = load_reward("combined", options={"combination": "colorfulness:2.0,compressibility:-0.5"})
     assert isinstance(combined, Combined)
-    parts = {name: REGISTRY[name](None, None, None).score(images, PROMPTS) for name in combined.weights}
+    parts = {name: REGISTRY[name].build(RewardSettings()).score(images, PROMPTS) for name in combined.weights}
     result = combined.score(images, PROMPTS)
     colorful, compress = parts["colorfulness"], parts["compressibility"]
     assert torch.allclose(result.loss, 2.0 * colorful.loss - 0.5 * compress.loss)

@@ -49,9 +49,7 @@ def test_score_is_the_normalised_dot_product(load_reward, tiny_open_clip, hps_ch
 def test_versions_pick_the_published_files():
     assert checkpoint_filename("v2.0") == "HPS_v2_compressed.pt"
     assert checkpoint_filename("v2.1") == "HPS_v2.1_compressed.pt"
-    with pytest.raises(
-        UserError, match=r"config.rewards.hps.version='v3' is unknown; choose one of v2.0, v2.1"
-    ):
+    with pytest.raises(UserError, match=r"config.rewards.hps.version='v3' is unknown; choose one of v2.0, v2.1"):
         checkpoint_filename("v3")
 
 

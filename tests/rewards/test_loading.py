@@ -27,9 +27,7 @@ def test_safetensors_and_torch_files_round_trip(tmp_path):
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "training-checkpoint.pt"
     torch.save({"state_dict": {"weight": torch.ones(1)}, "args": argparse.Namespace(lr=1e-3)}, path)
-    with pytest.raises(
-        UserError, match=r"pickled Python objects \(argparse.Namespace\).*refused.*weights_only=True"
-    ):
+    with pytest.raises(UserError, match=r"pickled Python objects \(argparse.Namespace\).*refused.*weights_only=True"):
         load_tensor_file(path)
 
 
@@ -56,9 +54,7 @@ def test_load_weights_into_requires_an_exact_fit(tmp_path):
     torch.save({"weight": torch.ones(4, 2), "extra": torch.zeros(1)}, wrong)
     load_weights_into(module, good, "linear", "opt")
     assert torch.equal(module.weight, torch.ones(3, 2))
-    with pytest.raises(
-        UserError, match=r"1 missing \(e.g. bias\); 1 unexpected \(e.g. extra\); 1 wrong shape"
-    ):
+    with pytest.raises(UserError, match=r"1 missing \(e.g. bias\); 1 unexpected \(e.g. extra\); 1 wrong shape"):
         load_weights_into(module, wrong, "linear", "opt")
 
 
@@ -75,7 +71,5 @@ def test_sources(tmp_path):
 def test_offline_hub_download_says_how_to_supply_the_file(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(
-        UserError, match=r"cannot fetch 'HPS_v2.1_compressed.pt' .* set opt=/path/to/HPS_v2.1"
-    ):
+    with pytest.raises(UserError, match=r"cannot fetch 'HPS_v2.1_compressed.pt' .* set opt=/path/to/HPS_v2.1"):
         resolve_file("", "xswu/HPSv2", "HPS_v2.1_compressed.pt", "opt")

@@ -38,18 +38,14 @@ def test_score_is_the_models_own_image_text_logit(load_reward, tiny_clip_dir, im
 
 
 def test_processor_without_vocabulary(load_reward, tmp_path):
-    with pytest.raises(
-        UserError, match=r"tokenizer in .* has 2 tokens but the text model expects 514; check config."
-    ):
+    with pytest.raises(UserError, match=r"tokenizer in .* has 2 tokens but the text model expects 514; check config."):
         load_reward("pickscore", options={"pickscore.processor": str(tmp_path)})
 
 
 def test_processor_without_image_settings(load_reward, tiny_clip_dir, tmp_path):
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((tiny_clip_dir / name).read_bytes())
-    with pytest.raises(
-        UserError, match=r"cannot load a CLIP image processor config from .*pickscore.processor"
-    ):
+    with pytest.raises(UserError, match=r"cannot load a CLIP image processor config from .*pickscore.processor"):
         load_reward("pickscore", options={"pickscore.processor": str(tmp_path)})
 
 

@@ -1,0 +1,268 @@
+"""The command line of `python main.py` and `python -m alignprop`: --config FILE:PRESET plus --config.KEY=VALUE.
+
+Every configuration error is one line `error: ...` on stderr with exit status 2; `--help` lists the presets and
+exits 0; no `--config` prints the usage and exits 2 (it never starts a run nobody asked for).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
+
+from alignprop.errors import Interrupted, UserError
+
+FLAGS = flags.FLAGS
+# No default: a default preset would be parsed (with the overrides) as soon as the flag is defined, before any
+# error handling, and a forgotten --config would silently start a run.
+config_flags.DEFINE_config_file("config", None, "path/to/config.py:PRESET, e.g. config/align_prop.py:tiny.")
+
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "align_prop.py"
+HELP_ARGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
+CONFIG_ARG = re.compile(r"^--?config(=|$)")
+DESCRIPTION = "AlignProp: fine-tune a text-to-image diffusion model by backpropagating a differentiable reward."
+
+
+# --- help and usage (answered without loading torch) ---------------------------------------------------------
+
+
+def program_name(argv0: str) -> str:
+    """How this was started: `python main.py`, `python -m alignprop` or the `alignprop` command."""
+    name = Path(argv0).name
+    if name == "__main__.py":
+        return "python -m alignprop"
+    return f"python {name}" if name.endswith(".py") else name
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is below it (what one would type), else absolute."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_config_module(path: Path):
+    spec = importlib.util.spec_from_file_location("alignprop_cli_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preset_lines(path: Path = CONFIG_FILE) -> list[str]:
+    """One line per preset of the config file: its name and the first line of its function's docstring."""
+    module = load_config_module(path)
+    names = list(getattr(module, "PRESETS", ()))
+    width = max((len(name) for name in names), default=0)
+    lines = []
+    for name in names:
+        doc = (getattr(module, name).__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:<{width}}  {doc[0].strip() if doc else ''}".rstrip())
+    return lines
+
+
+def usage(argv0: str) -> str:
+    prog, config = program_name(argv0), shown_path(CONFIG_FILE)
+    return "\n".join(
+        [
+            f"usage: {prog} --config {config}:PRESET [--config.KEY=VALUE ...]",
+            f"       accelerate launch main.py --config {config}:PRESET [...]   (one or more GPUs)",
+            "",
+            f"presets ({config}):",
+            *preset_lines(),
+        ]
+    )
+
+
+def help_text(argv0: str) -> str:
+    prog, config = program_name(argv0), shown_path(CONFIG_FILE)
+    return "\n".join(
+        [
+            DESCRIPTION,
+            "",
+            usage(argv0),
+            "",
+            "examples:",
+            f"  {prog} --config {config}:tiny                      # the CPU demo: no downloads, ~1 minute",
+            f"  {prog} --config {config}:tiny --config.num_epochs=2 --config.train.learning_rate=5e-4",
+            f"  {prog} --config {config}:tiny --config.only_eval=True --config.resume_from=logs/RUN",
+            f"  accelerate launch main.py --config {config}:aesthetic",
+            "",
+            "--config is a path (relative to the working directory) followed by :PRESET. Any value of the preset",
+            "can be overridden with --config.KEY=VALUE, nested keys with dots (--config.train.learning_rate=5e-4);",
+            f"the keys, their defaults and what they mean are in {config}. Runs are written to",
+            "--config.logdir (default: logs/) in a new run directory; see README.md.",
+        ]
+    )
+
+
+def given_arguments(argv: list[str]) -> list[str]:
+    """The arguments before a `--` (absl stops reading flags there)."""
+    arguments = argv[1:]
+    return arguments[: arguments.index("--")] if "--" in arguments else arguments
+
+
+# --- one line for every configuration error ------------------------------------------------------------------
+
+
+FLAG_ERROR_CHARS = 240  # absl's flag errors quote the user's value whole: keep the line short
+
+
+def fail(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def excerpt_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def last_error_line(text: str) -> str:
+    """The final 'SomethingError: message' line of an absl/ml_collections error text, else its first line."""
+    matches = re.findall(r"^\s*\w*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
+    return matches[-1] if matches else text.strip().splitlines()[0]
+
+
+def config_argument(argv: list[str]) -> str | None:
+    """The value of --config (`--config X` or `--config=X`), None when not given."""
+    arguments = given_arguments(argv)
+    for index, argument in enumerate(arguments):
+        match = CONFIG_ARG.match(argument)
+        if match:
+            if match.group(1):
+                return argument[match.end() :]
+            return arguments[index + 1] if index + 1 < len(arguments) else ""
+    return None
+
+
+def unknown_key(argv: list[str], config: ConfigDict, config_file: str) -> str | None:
+    """'unknown config key ...' for the first --config.A.B override naming a key the config does not have."""
+    for argument in given_arguments(argv):
+        match = re.match(r"^--?(?:no)?config\.([^=]+)", argument)
+        if not match:
+            continue
+        parts = match.group(1).split(".")
+        node = config
+        for depth, part in enumerate(parts):
+            if isinstance(node, ConfigDict) and part in node:
+                node = node[part]
+                continue
+            known = ".".join(parts[:depth])
+            if not isinstance(node, ConfigDict):
+                return f"config key {known!r} holds a value, not keys: --config.{match.group(1)} does not exist"
+            close = difflib.get_close_matches(part, [str(key) for key in node.keys()], n=1)
+            where = f" (see {config_file})"
+            if close:
+                suggestion = ".".join([*parts[:depth], close[0]])
+                return f"unknown config key {'.'.join(parts[: depth + 1])!r}; did you mean {suggestion!r}?{where}"
+            return f"unknown config key {'.'.join(parts[: depth + 1])!r}{where}"
+    return None
+
+
+def explain_unknown_key(argv: list[str], error: Exception) -> str:
+    """The unknown-key line, worked out from the config file itself (ml_collections' own text holds escapes)."""
+    spec = config_argument(argv) or ""
+    path, _, preset = spec.partition(":")
+    try:
+        module = load_config_module(Path(path))
+        config = module.get_config(preset) if preset else module.get_config()
+        line = unknown_key(argv, config, path)
+    except Exception:  # the config loaded once already; this only improves the message
+        line = None
+    if line:
+        return line
+    key = re.findall(r"[\w.]+", str(error).replace("\\n", " "))
+    return f"unknown config key {key[0] if key else str(error)!r} in a --config.* override (see {path})"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every configuration error reduced to one line and exit code 2."""
+    try:
+        args = FLAGS(argv)
+        FLAGS.config.keys()  # the config file is loaded lazily: load it now, inside this try
+        return args
+    except flags.UnrecognizedFlagError as error:
+        if str(error.flagname).startswith("config."):
+            fail(explain_unknown_key(argv, error))
+        fail(f"{error}: no such flag (see {program_name(argv[0])} --help)")
+    except flags.Error as error:
+        fail(excerpt_text(last_error_line(str(error)), FLAG_ERROR_CHARS))
+    except (AttributeError, KeyError) as error:
+        fail(explain_unknown_key(argv, error))
+    except OSError as error:
+        fail(f"cannot load the --config file: {str(error).strip().splitlines()[-1].strip()}")
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+def format_summary(summary: dict) -> str:
+    return ", ".join(f"{key}={value:.4g}" for key, value in summary.items() if isinstance(value, float))
+
+
+def report(kind: str, result) -> None:
+    """What a person reads at the end: the numbers; the files are in the run directory."""
+    if kind == "train":
+        for label, evaluation in zip(("before", "after"), result):
+            print(f"{label:>6}: {format_summary(evaluation.summary())}")
+    elif kind == "evaluate":
+        print(f"  eval: {format_summary(result.summary())}")
+    else:
+        for row in result:
+            summary = {k: v for k, v in row.items() if k != "coefficient"}
+            print(f"{row['mode']} mixing_coef_1={row['coefficient']:g}: {format_summary(summary)}")
+
+
+WRITTEN = {  # what a job leaves in its run directory (besides config.json), said at the end
+    "train": "lora/, before_after.png, metrics.jsonl, checkpoints/, eval/",
+    "evaluate": "images/, grid.png, summary.json",
+    "soup": "coef_<c>/, soup.csv, soup.json, soup.png",
+}
+
+
+def run_config(config) -> None:
+    """Validate everything, load, create the run directory (said at the start), then train | evaluate | soup."""
+    # Imported here so that `--help` and config errors answer without loading torch.
+    from accelerate import PartialState
+
+    from alignprop import jobs
+
+    job, run_dir, result = jobs.run_job(config)
+    if PartialState().is_main_process:
+        report(job.kind, result)
+        print(f"wrote {WRITTEN[job.kind]} in {run_dir}")
+
+
+def absl_main(argv) -> None:
+    del argv
+    logging.getLogger().setLevel(logging.WARNING)
+    try:
+        run_config(FLAGS.config)
+    except UserError as error:
+        fail(str(error))
+    except Interrupted as error:  # Ctrl-C: a checkpoint of the last completed update was saved
+        print(f"interrupted: {error}", file=sys.stderr)
+        sys.exit(130)
+
+
+def main() -> None:
+    """Entry point of main.py and `python -m alignprop` (reads sys.argv)."""
+    argv = sys.argv
+    arguments = given_arguments(argv)
+    if any(argument in HELP_ARGS for argument in arguments):
+        try:
+            print(help_text(argv[0]), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    if config_argument(argv) is None:
+        print(usage(argv[0]), file=sys.stderr)
+        fail(f"no --config given; for the CPU demo: {program_name(argv[0])} --config {shown_path(CONFIG_FILE)}:tiny")
+    app.run(absl_main, argv=argv, flags_parser=parse_flags)

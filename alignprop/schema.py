@@ -1,0 +1,469 @@
+"""The rule for every config key: type, range, finiteness, allowed values, plus the cross-key rules.
+
+`check(config)` runs first in `runtime.validate`, before anything is written, and raises `UserError` with
+one short line for the first value that breaks a rule (a user's value is quoted as at most ~80 characters).
+Every key of the config must have a rule in `RULES` (a key without one is refused, and
+tests/test_schema.py checks every preset), so a new key cannot be added without deciding what it accepts.
+
+Why a small table of our own and not pydantic: pydantic is only installed as a dependency of wandb (not
+pinned by us); its messages are multi-line and quote whole inputs, so every error would need translating
+back to one line and a dotted key; and a ConfigDict would have to be mirrored by nested model classes.
+The rules here are six small value types in one table that reads like the config it checks.
+
+What is checked elsewhere (and reached before the run directory exists) is not repeated: the truncation
+strategy's name and its cut / minmax / gaussian settings against `steps` (`truncation.Truncation`), the
+batch sizes' divisibility (`batching.plan_batches`), whether files and models exist and load.
+
+Decisions on allowed values:
+- eta in [0, 1]: DDIM's range (0 deterministic, 1 DDPM-like); above 1 diffusers' DDIM step takes the square
+  root of a negative number (1 - alpha_prev - sigma^2) and the samples turn NaN.
+- sd_guidance_scale in [0, 100]: 1 is no guidance, 0 unconditional, in between interpolates; a negative
+  scale steers away from the prompt (never what a prompt-conditioned reward wants) and is refused.
+- Soup coefficients (mixing_coef_1, soup_sweep) in [-1, 2]; outside [0, 1] the soup extrapolates beyond
+  the two LoRAs: allowed, with a one-line warning.
+- num_epochs >= 1 for every preset (evaluation ignores it; a value is still a valid one).
+- Soup options (resume_from_2, a non-default soup_mode, soup_sweep, mixing_coef_1) without
+  soup_inference=True are refused with one line saying to add --config.soup_inference=True.
+- Text values: at most 200 characters and no control characters (messages quote paths and names whole).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from alignprop.errors import EXCERPT_CHARS, UserError, excerpt  # noqa: F401 (re-exported for tests)
+
+logger = logging.getLogger(__name__)
+
+MAX_TEXT = 200  # characters of any text value (paths, hub ids, names)
+MAX_NAME = 64  # characters of a value chosen from a list
+MAX_INT = 10**9  # every integer has an upper bound: a 400-digit number must not reach a message whole
+SOUP_RANGE = (-1.0, 2.0)  # soup coefficients; outside [0, 1] warns
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_float(value) -> float | None:
+    """The value as a float if it is a real number (not a bool); inf for ints too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _bounds(low, high, low_open=False, high_open=False) -> str:
+    show = lambda x: str(x) if isinstance(x, int) else f"{x:g}"
+    if low is None and high is None:
+        return ""
+    if high is None:
+        return f" {'>' if low_open else '>='} {show(low)}"
+    if low is None:
+        return f" {'<' if high_open else '<='} {show(high)}"
+    return f" in {'(' if low_open else '['}{show(low)}, {show(high)}{')' if high_open else ']'}"
+
+
+# --- value types: each `problem(value)` says what is wrong ("must be ...") or returns None ------------------
+
+
+@dataclass(frozen=True)
+class Int:
+    low: int | None = None
+    high: int | None = MAX_INT
+    also: tuple[int, ...] = ()  # extra allowed values (the -1 of a derived field)
+    note: str = ""
+
+    def expected(self, plural: bool = False) -> str:
+        text = f"{'integers' if plural else 'an integer'}{_bounds(self.low, self.high)}"
+        return " or ".join([*(str(v) for v in self.also), text]) + (f" ({self.note})" if self.note else "")
+
+    def problem(self, value) -> str | None:
+        if _is_int(value) and (
+            value in self.also
+            or ((self.low is None or value >= self.low) and (self.high is None or value <= self.high))
+        ):
+            return None
+        return f"must be {self.expected()}"
+
+
+@dataclass(frozen=True)
+class Number:
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def expected(self, plural: bool = False) -> str:
+        limits = _bounds(self.low, self.high, self.low_open, self.high_open)
+        return f"{'finite numbers' if plural else 'a finite number'}{limits}" + (f" ({self.note})" if self.note else "")
+
+    def problem(self, value) -> str | None:
+        number = _as_float(value)
+        if number is not None and math.isfinite(number):
+            low_ok = self.low is None or (number > self.low if self.low_open else number >= self.low)
+            high_ok = self.high is None or (number < self.high if self.high_open else number <= self.high)
+            if low_ok and high_ok:
+                return None
+        return f"must be {self.expected()}"
+
+
+@dataclass(frozen=True)
+class Flag:
+    def expected(self) -> str:
+        return "True or False"
+
+    def problem(self, value) -> str | None:
+        return None if isinstance(value, bool) else "must be True or False"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string: a path, a hub id or a name; `choices` (a function, so constants are read where they live)."""
+
+    empty: bool = True
+    choices: Callable[[], tuple[str, ...]] | None = None
+    validate: Callable[[str], None] | None = None  # raises UserError (e.g. rewards.check_reward_name)
+    note: str = ""
+    limit: int = 0  # characters; 0: MAX_NAME for a value checked against a list, else MAX_TEXT
+
+    def expected(self) -> str:
+        if self.choices is not None:
+            return f"one of: {', '.join(self.choices())}"
+        text = "a text" if self.empty else "a non-empty text"
+        return text + (f" ({self.note})" if self.note else "")
+
+    def problem(self, value) -> str | None:
+        if not isinstance(value, str):
+            return f"must be {self.expected()}"
+        limit = self.limit or (MAX_NAME if self.choices or self.validate else MAX_TEXT)
+        if len(value) > limit:
+            return f"must be at most {limit} characters, not {len(value)}"
+        if not value.isprintable():
+            return "must not contain control or other non-printable characters (newlines, tabs, NUL, ...)"
+        if not value and not self.empty:
+            return f"must be {self.expected()}"
+        if self.choices is not None and value not in self.choices():
+            return f"must be {self.expected()}"
+        if self.validate is not None:
+            self.validate(value)
+        return None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two values, each following `item` (a tuple or list)."""
+
+    item: Int | Number
+    ordered: bool = False  # first <= second
+    note: str = ""
+
+    def expected(self) -> str:
+        order = " with a <= b" if self.ordered else ""
+        return f"a pair (a, b) of {self.item.expected(plural=True)}{order}" + (f" ({self.note})" if self.note else "")
+
+    def problem(self, value) -> str | None:
+        if not isinstance(value, tuple | list) or len(value) != 2 or any(self.item.problem(v) for v in value):
+            return f"must be {self.expected()}"
+        if self.ordered and value[0] > value[1]:
+            return f"must be {self.expected()}"
+        return None
+
+
+@dataclass(frozen=True)
+class Names:
+    """A tuple of non-empty names (of at most MAX_NAME characters)."""
+
+    what: str = "module names, e.g. ('to_q', 'to_v')"
+    empty: bool = False
+
+    def expected(self) -> str:
+        return f"a {'' if self.empty else 'non-empty '}tuple of {self.what}"
+
+    def problem(self, value) -> str | None:
+        name = Text(empty=False, limit=MAX_NAME)
+        if not isinstance(value, tuple | list) or not (value or self.empty) or any(name.problem(v) for v in value):
+            return f"must be {self.expected()}"
+        return None
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """soup_sweep: coefficients as numbers and/or texts of comma-separated numbers, e.g. (0, 0.5, 1) or "0,0.5,1"."""
+
+    def expected(self) -> str:
+        low, high = SOUP_RANGE
+        return f"a tuple of finite numbers in [{low:g}, {high:g}] (or a text like '0,0.5,1')"
+
+    def problem(self, value) -> str | None:
+        try:
+            sweep_values(value)
+        except _Bad:
+            return f"must be {self.expected()}"
+        return None
+
+
+class _Bad(Exception):
+    pass
+
+
+def sweep_values(sweep) -> list[float]:
+    """The numbers of a soup_sweep value (soup.parse_coefficient's messages for a part that is not a number)."""
+    from alignprop.soup import parse_coefficient
+
+    if isinstance(sweep, str):
+        sweep = (sweep,)
+    if not isinstance(sweep, tuple | list):
+        raise _Bad
+    values = []
+    for item in sweep:
+        if isinstance(item, str):
+            if Text().problem(item):
+                raise _Bad
+            parts = [part.strip() for part in item.split(",")]
+        elif _as_float(item) is not None:
+            parts = [_as_float(item)]
+        else:
+            raise _Bad
+        values += [parse_coefficient(part, "soup_sweep") for part in parts]
+    if any(not SOUP_RANGE[0] <= v <= SOUP_RANGE[1] for v in values):
+        raise _Bad
+    return values
+
+
+# --- choices and checks that live elsewhere (imported when used: runtime imports this module) ------------
+
+
+def _trackers():
+    from alignprop.runtime import TRACKERS
+
+    return tuple(TRACKERS)
+
+
+def _precisions():
+    from alignprop.models import INFERENCE_DTYPES
+
+    return tuple(INFERENCE_DTYPES)
+
+
+def _soup_modes():
+    from alignprop.soup import SOUP_MODES
+
+    return tuple(SOUP_MODES)
+
+
+def _hps_versions():
+    from alignprop.rewards.hps import CHECKPOINT_FILES
+
+    return tuple(CHECKPOINT_FILES)
+
+
+def _colour_targets():
+    from alignprop.toyworld.rewards import COLOUR_TARGETS
+    from alignprop.toyworld.world import COLOURS
+
+    return (*COLOUR_TARGETS, *COLOURS)
+
+
+def _preprocess_modes():
+    from alignprop.rewards.registry import PREPROCESS_MODES
+
+    return tuple(PREPROCESS_MODES)
+
+
+def _one_path_component(name: str) -> None:
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise UserError(f"wandb.project must be a plain name (it names a directory), got {excerpt(name)}")
+
+
+def _check_reward_name(name: str) -> None:
+    from alignprop.rewards import check_reward_name
+
+    check_reward_name(name)
+
+
+# --- the table ------------------------------------------------------------------------------------------
+
+PATH = Text(note="a path")
+SOURCE = Text(empty=False, note="a hub id or a local directory")
+OPTIONAL_SOURCE = Text(note="empty: the default")
+POSITIVE = Number(0, None, low_open=True)
+SOUP_COEFFICIENT = Number(*SOUP_RANGE, note="outside [0, 1] extrapolates")
+
+RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
+    # run
+    "seed": Int(0, 2**32 - 1),
+    "logdir": Text(empty=False, note="a directory"),
+    "run_name": Text(note="empty: a timestamp"),
+    "num_epochs": Int(1),
+    "save_freq": Int(0, note="0: no checkpoints"),
+    "num_checkpoint_limit": Int(1),
+    "mixed_precision": Text(choices=_precisions),
+    "allow_tf32": Flag(),
+    "debug": Flag(),
+    "tracker": Text(choices=_trackers),
+    "max_nonfinite_in_a_row": Int(1),
+    # resume / evaluate / soup
+    "resume_from": Text(note="a run, checkpoint or LoRA directory, or 'stablediffusion'"),
+    "resume_from_2": Text(note="a run, checkpoint or LoRA directory, or 'stablediffusion'"),
+    "mixing_coef_1": SOUP_COEFFICIENT,
+    "soup_inference": Flag(),
+    "soup_mode": Text(choices=_soup_modes),
+    "soup_sweep": Coefficients(),
+    "only_eval": Flag(),
+    "same_evaluation": Flag(),
+    "eval_images_per_prompt": Int(1),
+    # visualisation
+    "vis_freq": Int(0, note="0: before and after only"),
+    "max_vis_images": Int(0),
+    "visualize_train": Flag(),
+    "visualize_eval": Flag(),
+    # prompts and reward
+    "prompt_fn": Text(empty=False, note="a prompt set name or a .txt path"),
+    "eval_prompt_fn": Text(empty=False, note="a prompt set name or a .txt path"),
+    "reward_fn": Text(empty=False, validate=_check_reward_name),
+    "aesthetic_target": Number(),
+    "grad_scale": POSITIVE,
+    # sampling
+    "steps": Int(1, 1000, note="DDIM steps, at most the 1000 training timesteps"),
+    "sd_guidance_scale": Number(0, 100, note="1: no guidance"),
+    "eta": Number(0, 1, note="DDIM: 0 deterministic, 1 DDPM-like"),
+    # truncated backprop (names and ranges against steps: truncation.Truncation)
+    "truncation_strategy": Text(empty=False, limit=MAX_NAME, note="auto or a strategy of alignprop.truncation"),
+    "truncated_backprop": Flag(),
+    "truncated_backprop_rand": Flag(),
+    "truncated_backprop_minmax": Pair(Int(0, 1000), ordered=True),
+    "trunc_backprop_timestep": Int(0, 1000),
+    "truncation_gaussian_mean": Number(),
+    "truncation_gaussian_std": POSITIVE,
+    "grad_checkpoint": Flag(),
+    "decode_checkpoint": Flag(),
+    "native_dtype": Flag(),
+    "fold_lora": Flag(),
+    # model
+    "pretrained.model": Text(empty=False, note="a hub id, a local directory or file, or tiny / toyworld"),
+    "pretrained.revision": Text(empty=False),
+    "lora.rank": Int(1, 1024),
+    "lora.alpha": POSITIVE,
+    "lora.target_modules": Names(),
+    # optimisation
+    "train.learning_rate": Number(0, 1, low_open=True),
+    "train.adam_beta1": Number(0, 1, high_open=True),
+    "train.adam_beta2": Number(0, 1, high_open=True),
+    "train.adam_weight_decay": Number(0, None),
+    "train.adam_epsilon": POSITIVE,
+    "train.max_grad_norm": POSITIVE,
+    "train.loss_coeff": POSITIVE,
+    "train.use_8bit_adam": Flag(),
+    "train.total_samples_per_epoch": Int(1),
+    "train.total_batch_size": Int(1),
+    "train.batch_size_per_gpu_available": Int(1),
+    "train.gradient_accumulation_steps": Int(1, also=(-1,), note="derived from the batch sizes at start"),
+    "train.data_loader_iterations": Int(1, also=(-1,), note="derived from the batch sizes at start"),
+    # trackers (config.wandb, with tracker="wandb" or "tensorboard")
+    "wandb.project": Text(empty=False, validate=_one_path_component),
+    "wandb.entity": Text(note="empty: wandb's default"),
+    "wandb.name": Text(note="empty: the run directory's name"),
+    "wandb.tags": Names(what="tags", empty=True),
+    # rewards (config.rewards.<name>)
+    "rewards.preprocess": Text(choices=_preprocess_modes),
+    "rewards.aesthetic.clip_model": SOURCE,
+    "rewards.aesthetic.processor": OPTIONAL_SOURCE,
+    "rewards.aesthetic.head_path": Text(note="empty: the shipped head, or head_repo"),
+    "rewards.aesthetic.head_repo": Text(note="empty: the shipped head"),
+    "rewards.aesthetic.head_filename": Text(empty=False),
+    "rewards.hps.version": Text(choices=_hps_versions),
+    "rewards.hps.checkpoint": Text(note="empty: fetched from rewards.hps.repo"),
+    "rewards.hps.repo": SOURCE,
+    "rewards.hps.model_name": Text(empty=False, note="an open_clip architecture"),
+    "rewards.pickscore.model": SOURCE,
+    "rewards.pickscore.processor": SOURCE,
+    "rewards.clip_score.model": SOURCE,
+    "rewards.clip_score.processor": OPTIONAL_SOURCE,
+    "rewards.toyworld.classifier": Text(note="empty: the shipped one"),
+    "rewards.toyworld.colour_target": Text(choices=_colour_targets),
+    "rewards.toyworld.colour_temperature": POSITIVE,
+    "rewards.toyworld.area_target": Number(0, 1, low_open=True, high_open=True),
+    "rewards.toyworld.position_target": Pair(Number(0, 1), note="x, y"),
+    "rewards.combination": Text(note="e.g. 'aesthetic:1.0,hps:0.5'"),
+}
+
+# Options that only the soup reads, with the values that mean "not asked for".
+SOUP_ONLY = {"resume_from_2": "", "soup_mode": "params", "soup_sweep": (), "mixing_coef_1": 0.0}
+
+
+def leaves(config, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) for every leaf of a ConfigDict, nested ones included (a key with a rule is a leaf)."""
+    for key in sorted(config.keys()):
+        value, name = config[key], f"{prefix}{key}"
+        if hasattr(value, "keys") and name not in RULES:
+            yield from leaves(value, f"{name}.")
+        else:
+            yield name, value
+
+
+def check_value(key: str, value) -> None:
+    """One key's rule; UserError naming the key, what it accepts and (an excerpt of) what it got."""
+    rule = RULES.get(key)
+    if rule is None:
+        raise UserError(f"config key {excerpt(key)} has no rule in alignprop/schema.py (add one there)")
+    problem = rule.problem(value)
+    if problem:
+        raise UserError(f"{key} {problem}, got {excerpt(value)}")
+
+
+def check(config) -> None:
+    """Every key's rule, then the cross-key rules; raises UserError (one line) for the first problem."""
+    for key, value in leaves(config):
+        check_value(key, value)
+    check_soup(config)
+    check_combination(config)
+
+
+def _differs(value, default) -> bool:
+    return tuple(value) != default if isinstance(value, tuple | list) else value != default
+
+
+def check_soup(config) -> None:
+    present = {key: default for key, default in SOUP_ONLY.items() if key in config}
+    given = [key for key, default in present.items() if _differs(config[key], default)]
+    if not config.get("soup_inference", False):
+        if given:
+            options = ", ".join(given)
+            raise UserError(
+                f"{options} {'is a soup option' if len(given) == 1 else 'are soup options'} but soup_inference "
+                "is off: add --config.soup_inference=True (or use the evaluate_soup preset)"
+            )
+        return
+    coefficients = sweep_values(config.soup_sweep) if config.get("soup_sweep") else [config.mixing_coef_1]
+    outside = [c for c in coefficients if not 0 <= c <= 1]
+    if outside:
+        logger.warning(
+            "soup coefficient(s) %s outside [0, 1]: the soup extrapolates beyond the two LoRAs",
+            excerpt(tuple(outside)),
+        )
+
+
+def check_combination(config) -> None:
+    """rewards.combination parses (names known, weights finite) when combined is used or it is set."""
+    if "rewards" not in config or "combination" not in config.rewards:
+        return
+    text = config.rewards.combination
+    if not text and config.get("reward_fn") != "combined":
+        return
+    from alignprop.rewards.combined import parse_combination
+
+    for item in text.split(","):
+        name = item.partition(":")[0].strip()
+        if len(name) > MAX_NAME:
+            raise UserError(f"rewards.combination: {excerpt(name)} is not a reward name")
+    weights = parse_combination(text)
+    bad = {name: weight for name, weight in weights.items() if not math.isfinite(weight)}
+    if bad:
+        raise UserError(f"rewards.combination: the weights must be finite numbers, got {excerpt(bad)}")

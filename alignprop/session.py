@@ -1,0 +1,87 @@
+"""What every job (train, evaluate, soup) holds: the accelerator, the model in its family, the reward.
+
+Built *before* the run directory exists, so a model or reward weights that fail to load leave nothing
+under `logdir`; the trackers start once the directory is there (`start_trackers`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from alignprop import models
+from alignprop.families import Family
+from alignprop.rewards import Reward, build_reward
+
+
+@dataclass
+class Session:
+    accelerator: Accelerator
+    dtype: torch.dtype  # the frozen networks' inference dtype
+    model: Family
+    reward: Reward
+
+
+def make_accelerator(config) -> Accelerator:
+    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+    torch.backends.cudnn.allow_tf32 = config.allow_tf32
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=None if config.tracker == "none" else config.tracker,
+        # A tracker that writes files needs a directory at construction; the run's is set in start_trackers.
+        project_config=ProjectConfiguration(project_dir=config.logdir, logging_dir=config.logdir),
+    )
+
+
+def build_session(config) -> Session:
+    """Accelerator, frozen model (on the accelerator's device) and reward, from a validated config."""
+    accelerator = make_accelerator(config)
+    dtype = models.inference_dtype(config.mixed_precision)
+    model = models.load_model(config.pretrained.model, config.pretrained.revision, dtype)
+    model.pipeline.to(accelerator.device)
+    reward = build_reward(config, accelerator.device, dtype)
+    return Session(accelerator, dtype, model, reward)
+
+
+def tracker_config(config) -> dict:
+    """The config as one level, {"train.learning_rate": 0.001, ...}: numbers, strings and booleans as they are,
+    anything else (tuples, None) as its JSON text. TensorBoard's add_hparams takes nothing else; wandb shows
+    dotted keys as groups."""
+    flat = {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(f"{prefix}{key}.", item)
+        elif isinstance(value, bool | int | float | str):
+            flat[prefix[:-1]] = value
+        else:
+            flat[prefix[:-1]] = json.dumps(value)
+
+    visit("", json.loads(config.to_json_best_effort()))
+    return flat
+
+
+def start_trackers(session: Session, config, run_dir: Path) -> None:
+    """wandb / tensorboard (main process only), writing into the run directory; the config logged once."""
+    accelerator = session.accelerator
+    accelerator.project_configuration.project_dir = str(run_dir)
+    accelerator.project_configuration.logging_dir = str(run_dir)
+    if accelerator.is_main_process and config.tracker != "none":
+        wandb = config.wandb
+        init_kwargs = {
+            "wandb": {
+                "entity": wandb.entity or None,  # None: wandb's default entity
+                "name": wandb.name or run_dir.name,  # the run directory's name by default
+                "tags": list(wandb.tags),
+                "dir": str(run_dir),  # wandb writes run_dir/wandb/
+            }
+        }
+        accelerator.init_trackers(wandb.project, config=tracker_config(config), init_kwargs=init_kwargs)
