@@ -31,19 +31,25 @@ from alignprop.errors import UserError
 LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
 ORIGINAL_LORA_FILE_NAME = "pytorch_lora_weights.bin"  # the original code's (old attention-processor layout)
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header field for the adapter's LoraConfig
-PREFIX = "unet."
+PREFIX = "unet."  # the UNet families' key prefix (and the original code's)
+PREFIXES = (PREFIX, "transformer.")  # the denoiser's key prefix in a diffusers LoRA file, by family
 
 
 @dataclass(frozen=True)
 class LoraWeights:
-    tensors: dict[str, torch.Tensor]  # diffusers format, keys prefixed with "unet."
-    metadata: dict | None  # the LoraConfig fields, keys prefixed with "unet."; None in files from elsewhere
+    tensors: dict[str, torch.Tensor]  # diffusers format, keys prefixed with "unet." or "transformer."
+    metadata: dict | None  # the LoraConfig fields, keys prefixed the same way; None in files from elsewhere
     source: Path
 
     @property
+    def prefix(self) -> str:
+        """ "unet." or "transformer.": which kind of denoiser the file is for."""
+        return next(prefix for prefix in PREFIXES if next(iter(self.tensors)).startswith(prefix))
+
+    @property
     def modules(self) -> set[str]:
-        """The UNet modules the adapter changes (e.g. `...attn1.to_q`)."""
-        return {key.removeprefix(PREFIX).rsplit(".lora.", 1)[0] for key in self.tensors}
+        """The denoiser modules the adapter changes (e.g. `...attn1.to_q`)."""
+        return {key.removeprefix(self.prefix).rsplit(".lora.", 1)[0] for key in self.tensors}
 
     @property
     def ranks(self) -> set[int]:
@@ -58,16 +64,16 @@ class LoraWeights:
         """A LoraConfig field (r, lora_alpha, target_modules): from the header, or as diffusers infers it for
         a file without one (rank from the tensors, alpha = rank)."""
         if self.metadata is not None:
-            return self.metadata.get(PREFIX + name)
+            return self.metadata.get(self.prefix + name)
         if len(self.ranks) != 1:
             return None
         (rank,) = self.ranks
         inferred = {"r": rank, "lora_alpha": rank, "target_modules": sorted({short_name(m) for m in self.modules})}
         return inferred.get(name)
 
-    def unet_state_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors without the "unet." prefix, in peft's naming (`lora_A` / `lora_B`)."""
-        return convert_unet_state_dict_to_peft({k.removeprefix(PREFIX): v for k, v in self.tensors.items()})
+    def denoiser_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors without the prefix, in peft's naming (`lora_A` / `lora_B`)."""
+        return convert_unet_state_dict_to_peft({k.removeprefix(self.prefix): v for k, v in self.tensors.items()})
 
 
 def short_name(module: str) -> str:
@@ -109,8 +115,12 @@ def read_lora(path: Path) -> LoraWeights:
         metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
     except (SafetensorError, OSError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read LoRA weights {str(file)!r}: {error}") from None
-    if not tensors or not all(key.startswith(PREFIX) and ".lora." in key for key in tensors):
-        raise UserError(f"{str(file)!r} is not a diffusers UNet LoRA (keys like 'unet.<module>.lora.down.weight')")
+    prefixes = {next((p for p in PREFIXES if key.startswith(p)), None) for key in tensors}
+    if not tensors or len(prefixes) != 1 or None in prefixes or not all(".lora." in key for key in tensors):
+        raise UserError(
+            f"{str(file)!r} is not a diffusers LoRA of a UNet or transformer (keys like "
+            "'unet.<module>.lora.down.weight')"
+        )
     return LoraWeights(tensors, metadata, file)
 
 
@@ -181,28 +191,32 @@ def check_matches_config(weights: LoraWeights, lora_config) -> None:
             )
 
 
-def copy_into_adapter(unet, weights: LoraWeights, adapter_name: str = "default") -> None:
+def copy_into_adapter(denoiser, weights: LoraWeights, adapter_name: str = "default") -> None:
     """Overwrite the tensors of an existing adapter with `weights`, bit for bit."""
-    state = weights.unet_state_dict()
-    current = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = weights.denoiser_state_dict()
+    current = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
     if state.keys() != current.keys() or any(state[k].shape != current[k].shape for k in state):
         raise UserError(f"the LoRA in {str(weights.source)!r} does not fit the adapter of this model")
-    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"the LoRA in {str(weights.source)!r} has tensors this model lacks")
 
 
-def add_adapter(unet, weights: LoraWeights, adapter_name: str) -> None:
-    """Load `weights` as a new adapter the way diffusers' `load_lora_weights` does (config from the header)."""
-    missing = weights.modules - {name for name, _ in unet.named_modules()}
+def add_adapter(denoiser, weights: LoraWeights, adapter_name: str) -> None:
+    """Load `weights` as a new adapter the way diffusers' `load_lora_weights` does (config from the header).
+    A LoRA of another model or family (SD1.5 into SDXL, a UNet's into a transformer) is one clear line."""
+    missing = weights.modules - {name for name, _ in denoiser.named_modules()}
     if missing:
         raise UserError(
             f"the LoRA {str(weights.source)!r} targets {len(missing)} modules this model lacks "
             f"(e.g. {sorted(missing)[0]}); was it trained on another base model?"
         )
     try:
-        unet.load_lora_adapter(
-            dict(weights.tensors), prefix=PREFIX.rstrip("."), adapter_name=adapter_name, metadata=weights.metadata
+        denoiser.load_lora_adapter(
+            dict(weights.tensors),
+            prefix=weights.prefix.rstrip("."),
+            adapter_name=adapter_name,
+            metadata=weights.metadata,
         )
     except (ValueError, RuntimeError, KeyError) as error:
         raise UserError(f"cannot load the LoRA {str(weights.source)!r} into this model: {error}") from None

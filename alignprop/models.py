@@ -24,8 +24,16 @@ logger = logging.getLogger(__name__)
 INFERENCE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 # Hub repositories deleted by their owners, and the maintained mirror of the same weights.
 RETIRED_MODEL_IDS = {"runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
-# Short names of ours -> "module:function" returning the model's directory (imported only when used).
-SHORT_NAMES = {"tiny": "alignprop.tiny:tiny_pipeline_dir", "toyworld": "alignprop.toyworld:pipeline_dir"}
+# Short names of ours -> "module:attribute" (imported only when used): a function returning the model's directory,
+# or a dict of such functions by short name (the tiny random test models of each family).
+TINY_FAMILIES = "alignprop.tiny_families:TINY_FAMILIES"
+SHORT_NAMES = {
+    "tiny": "alignprop.tiny:tiny_pipeline_dir",
+    "toyworld": "alignprop.toyworld:pipeline_dir",
+    **dict.fromkeys(
+        ("tiny_sdxl", "tiny_sd2v", "tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_flux_schnell"), TINY_FAMILIES
+    ),
+}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -68,8 +76,9 @@ def resolve_model_source(model: str) -> str:
     """Map short names to their directory and refuse retired hub ids with the replacement."""
     check_model_name(model)
     if model in SHORT_NAMES:
-        module, function = SHORT_NAMES[model].split(":")
-        return str(getattr(importlib.import_module(module), function)())
+        module, attribute = SHORT_NAMES[model].split(":")
+        directory = getattr(importlib.import_module(module), attribute)
+        return str((directory[model] if isinstance(directory, dict) else directory)())
     return model
 
 

@@ -34,11 +34,6 @@ class SamplingOptions:
     native_dtype: bool = False  # frozen networks in their own dtype, autocast off (see `native_precision`)
     fold_lora: bool = False  # no-grad denoiser calls on LoRA-folded weights (`alignprop.lora.FoldedLoRA`)
 
-    @property
-    def guided(self) -> bool:
-        """At guidance 1, uncond + 1 * (cond - uncond) = cond: the unconditional half is skipped (as diffusers)."""
-        return self.guidance_scale != 1.0
-
 
 def sampling_options_from_config(config) -> SamplingOptions:
     return SamplingOptions(
@@ -55,14 +50,14 @@ def sampling_options_from_config(config) -> SamplingOptions:
 def initial_latents(
     batch_size: int, model: Family, generator: torch.Generator, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Gaussian starting latents (fp32), shaped by the model's family.
+    """Gaussian starting latents (fp32), drawn, scaled (and packed) as the model's family does.
 
     Drawn on the generator's device (use a CPU generator for results that do not depend on the GPU)
     and then moved to `device`.
     """
     shape = model.latent_shape(batch_size)
-    latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return (latents * model.init_noise_sigma).to(device)
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return model.prepare_noise(noise).to(device)
 
 
 def seeded_latents(count: int, model: Family, seed: int) -> torch.Tensor:
@@ -90,10 +85,10 @@ def guided_prediction(
     conditioning: Conditioning,
     options: SamplingOptions,
 ) -> torch.Tensor:
-    """Classifier-free-guided prediction from one batched denoiser call over [uncond; cond] (cond alone at
-    guidance 1); checkpointed when it keeps its gradient and `options.grad_checkpoint`."""
-    dtype = model.denoiser.dtype
-    if options.guided:
+    """Classifier-free-guided prediction from one batched denoiser call over [uncond; cond] (cond alone when
+    the family says no guidance); checkpointed when it keeps its gradient and `options.grad_checkpoint`."""
+    dtype, guided = model.denoiser.dtype, model.guided(options)
+    if guided:
         model_input, kwargs = torch.cat([latents, latents]).to(dtype), conditioning.guided_kwargs()
     else:
         model_input, kwargs = latents.to(dtype), conditioning.kwargs("cond")
@@ -107,7 +102,7 @@ def guided_prediction(
     else:
         prediction = call(model_input)
     prediction = prediction.to(latents.dtype)
-    if not options.guided:
+    if not guided:
         return prediction
     uncond, cond = prediction.chunk(2)
     return uncond + options.guidance_scale * (cond - uncond)
@@ -143,7 +138,7 @@ def decode(model: Family, latents: torch.Tensor, options: SamplingOptions | None
     vae = model.vae
     checkpointed = options is not None and options.decode_checkpoint
     native = options is not None and options.native_dtype
-    latents = latents / vae.config.scaling_factor
+    latents = model.unpack(latents) / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         latents = latents + vae.config.shift_factor
     latents = latents.to(vae.dtype)
@@ -162,6 +157,6 @@ def decode(model: Family, latents: torch.Tensor, options: SamplingOptions | None
 @torch.no_grad()
 def generate_images(model: Family, prompts: list[str], latents: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """One batch of images in [-1, 1] for `prompts` from `latents`: the training sampler, without gradient."""
-    conditioning = model.encode(prompts, guided=options.guided)
+    conditioning = model.encode(prompts, guided=model.guided(options))
     final = sample(model, conditioning, latents.to(model.denoiser.device), (False,) * options.steps, options)
     return decode(model, final, options)

@@ -156,7 +156,7 @@ class Trainer:
 
     def sample_and_score(self, batch: MicroBatch) -> Scored:
         with self.accelerator.autocast():
-            conditioning = self.model.encode(batch.prompts, guided=self.options.guided)
+            conditioning = self.model.encode(batch.prompts, guided=self.model.guided(self.options))
             final = sample(self.model, conditioning, batch.latents, batch.keep_grad, self.options, self.random.latents)
             result = self.reward.score(decode(self.model, final, self.options), batch.prompts)
         return Scored(result.loss.float().mean() * self.config.train.loss_coeff, result, batch.keep_grad)

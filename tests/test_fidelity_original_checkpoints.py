@@ -85,7 +85,7 @@ def test_read_lora_gives_the_same_tensors(adapted, tmp_path, prefix):
     directory = write_original_checkpoint(adapted, tmp_path / "checkpoint_1", prefix)
     weights = read_lora(directory)
     expected = get_peft_model_state_dict(adapted)
-    converted = weights.unet_state_dict()
+    converted = weights.denoiser_state_dict()
     assert converted.keys() == expected.keys()
     assert all(torch.equal(converted[key], expected[key]) for key in expected)
     assert weights.from_original_code and weights.metadata is None
