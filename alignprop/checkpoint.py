@@ -245,10 +245,19 @@ def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int,
 
 
 def build_training_state(
-    epoch: int, update: int, trainable: list[str], optimizer, scaler, random_states: list, nonfinite: list[int]
+    epoch: int,
+    update: int,
+    trainable: list[str],
+    optimizer,
+    scaler,
+    random_states: list,
+    nonfinite: list[int],
+    lr_scheduler=None,
 ) -> dict:
-    """What `training_state.pt` holds besides the LoRA: plain tensors and containers only."""
+    """What `training_state.pt` holds besides the LoRA: plain tensors and containers only (the learning-rate
+    schedule's position too; a checkpoint without one resumes the schedule from its start)."""
     return {
+        "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
         "epoch": epoch,
         "update": update,
         "trainable": trainable,
@@ -262,15 +271,16 @@ def build_training_state(
 STATE_KEYS = ("epoch", "update", "trainable", "optimizer", "scaler", "random")
 
 
-def read_training_state(saved: Checkpoint, trainable: list[str]) -> dict:
-    """The checkpoint's training state, checked to fit this model and to hold only finite numbers."""
+def read_training_state(saved: Checkpoint, trainable: list[str] | None = None) -> dict:
+    """The checkpoint's training state, checked to be complete, to hold only finite numbers and (given the
+    model's trainable parameter names) to fit the model."""
     state = saved.training_state()
     missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise UserError(
             f"the training state of {str(saved.path)!r} lacks {', '.join(missing)}; it can only be evaluated"
         )
-    if state["trainable"] != trainable:
+    if trainable is not None and state["trainable"] != trainable:
         raise UserError(f"the trainable parameters of {str(saved.path)!r} differ from this model's")
     if not isinstance(state["optimizer"], dict) or not isinstance(state["optimizer"].get("state"), dict):
         raise UserError(f"the training state of {str(saved.path)!r} holds no optimizer state")

@@ -200,6 +200,47 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"cannot load the --config file: {str(error).strip().splitlines()[-1].strip()}")
 
 
+# --- keys given on the command line ---------------------------------------------------------------------------
+
+
+OVERRIDE_ARG = re.compile(r"^--?(?:no)?config\.([^=\s]+)")
+RANDOM_STRATEGIES = ("per_step_uniform", "uniform", "gaussian")
+# What each of the original's truncation flags allows of a named truncation_strategy.
+TRUNCATION_FLAGS = {
+    "truncated_backprop": {
+        True: ("fixed", *RANDOM_STRATEGIES),
+        False: ("full",),
+    },
+    "truncated_backprop_rand": {
+        True: RANDOM_STRATEGIES,
+        False: ("fixed", "full"),
+    },
+}
+
+
+def explicit_keys(argv: list[str]) -> set[str]:
+    """The dotted config keys overridden on the command line (`--config.a.b=1`, `--config.flag`, `--noconfig.flag`)."""
+    return {match.group(1) for match in map(OVERRIDE_ARG.match, given_arguments(argv)) if match}
+
+
+def check_truncation_flags(config, explicit: set[str]) -> None:
+    """A named truncation_strategy must agree with every original flag given on the command line (with "auto" the
+    flags decide, so nothing can contradict). Without this, one of the two would silently lose."""
+    strategy = config.truncation_strategy
+    if strategy == "auto":
+        return
+    where = "--config.truncation_strategy" if "truncation_strategy" in explicit else "the preset's truncation_strategy"
+    for flag, allowed in TRUNCATION_FLAGS.items():
+        if flag not in explicit or flag not in config or config[flag] not in allowed:
+            continue
+        value = config[flag]
+        if strategy not in allowed[value]:
+            raise UserError(
+                f"{where}={strategy} contradicts --config.{flag}={value} (which allows "
+                f"{' | '.join(allowed[value])}): give one of the two, or truncation_strategy=auto to follow the flags"
+            )
+
+
 # --- the run --------------------------------------------------------------------------------------------------
 
 
@@ -227,24 +268,37 @@ WRITTEN = {  # what a job leaves in its run directory (besides config.json), sai
 }
 
 
-def run_config(config) -> None:
-    """Validate everything, load, create the run directory (said at the start), then train | evaluate | soup."""
+def run_config(config, preset: str = "") -> None:
+    """Validate everything, load, create the run directory (said at the start), then train | evaluate | soup;
+    `dry_run` only lists the files; `push_to_hub` publishes a trained LoRA. `preset`: the --config value."""
     # Imported here so that `--help` and config errors answer without loading torch.
     from accelerate import PartialState
 
     from alignprop import jobs
 
+    if config.get("dry_run"):
+        from alignprop.dry_run import dry_run
+
+        dry_run(config, preset)
+        return
     job, run_dir, result = jobs.run_job(config)
     if PartialState().is_main_process:
         report(job.kind, result)
         print(f"wrote {WRITTEN[job.kind]} in {run_dir}")
+        if job.kind == "train" and config.get("push_to_hub"):
+            from alignprop import hub
+
+            before, after = (evaluation.summary() for evaluation in result)
+            updates = config.num_epochs * job.batches.updates_per_epoch
+            print(hub.publish(config, preset, run_dir, updates, before, after))
 
 
 def absl_main(argv) -> None:
-    del argv
+    del argv  # absl's leftovers; the overrides are read from sys.argv
     logging.getLogger().setLevel(logging.WARNING)
     try:
-        run_config(FLAGS.config)
+        check_truncation_flags(FLAGS.config, explicit_keys(sys.argv))
+        run_config(FLAGS.config, preset=config_argument(sys.argv) or "")
     except UserError as error:
         fail(str(error))
     except Interrupted as error:  # Ctrl-C: a checkpoint of the last completed update was saved

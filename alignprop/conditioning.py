@@ -14,11 +14,18 @@ import torch
 Kwargs = dict  # name -> tensor, or a nested dict of them (SDXL's added_cond_kwargs)
 
 
-def _concat(first: Kwargs, second: Kwargs) -> Kwargs:
-    """Concatenate two keyword-argument trees along the batch dimension, key by key."""
+def _concat(*trees: Kwargs) -> Kwargs:
+    """Concatenate keyword-argument trees along the batch dimension, key by key."""
     return {
-        key: _concat(value, second[key]) if isinstance(value, dict) else torch.cat([value, second[key]])
-        for key, value in first.items()
+        key: _concat(*(tree[key] for tree in trees)) if isinstance(value, dict) else torch.cat([t[key] for t in trees])
+        for key, value in trees[0].items()
+    }
+
+
+def _sample(tree: Kwargs, index: int) -> Kwargs:
+    return {
+        key: _sample(value, index) if isinstance(value, dict) else value[index : index + 1]
+        for key, value in tree.items()
     }
 
 
@@ -41,3 +48,25 @@ class Conditioning:
     def kwargs(self, which: str) -> Kwargs:
         """Keyword arguments for a single call on `which` in {"cond", "uncond"}."""
         return {**getattr(self, which), **self.shared}
+
+    def samples(self) -> list[Conditioning]:
+        """One conditioning per sample (for a prompt cache)."""
+        return [
+            Conditioning(
+                cond=_sample(self.cond, i),
+                uncond=None if self.uncond is None else _sample(self.uncond, i),
+                shared=self.shared,
+                batch_size=1,
+            )
+            for i in range(self.batch_size)
+        ]
+
+    @classmethod
+    def join(cls, parts: list[Conditioning], guided: bool) -> Conditioning:
+        """The batch of `parts` (per-sample conditionings with the same shared arguments)."""
+        return cls(
+            cond=_concat(*(part.cond for part in parts)),
+            uncond=_concat(*(part.uncond for part in parts)) if guided else None,
+            shared=parts[0].shared,
+            batch_size=len(parts),
+        )

@@ -1,33 +1,42 @@
-"""Evaluation: generate on fixed latents without gradient, score, and write what a person looks at.
+"""Evaluation: generate on fixed latents without gradient and score.
 
 One function, `generate_and_score` (spread over processes by `Evaluator`), serves the evaluation during
-training, the evaluate preset and every point of a soup sweep. `write_evaluation` turns a result into
-one PNG per image, a captioned grid and a JSON summary.
+training, the evaluate preset and every point of a soup sweep. What gets written (one PNG per image, captioned
+grids, a JSON summary, tracker logs) is `alignprop.report`'s, re-exported here.
+
+The evaluation set (`eval_prompts`): "all" = every prompt of `eval_prompt_fn`, `eval_images_per_prompt` times;
+"original" = the original code's, `train.batch_size_per_gpu_available x max_vis_images` prompts drawn once, at
+random with replacement (a `random.Random(seed)`, the same on every process), all of them saved.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import gather_object
-from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
 
 from alignprop.families import Family
 from alignprop.lora_files import add_adapter, read_lora
 from alignprop.prompts import load_prompts
+from alignprop.report import (  # noqa: F401 (re-exported: the files an evaluation writes)
+    GRID_COLUMNS,
+    SETTINGS,
+    SLUG_LENGTH,
+    image_file_name,
+    log_to_trackers,
+    save_before_after,
+    save_grid,
+    to_pil,
+    write_evaluation,
+)
 from alignprop.rewards import Reward
-from alignprop.rundir import slugify
 from alignprop.sampling import SamplingOptions, generate_images, sampling_options_from_config, seeded_latents
 from alignprop.session import Session, start_trackers
-
-SETTINGS = ("seed", "steps", "guidance_scale", "eta", "update", "num_images")  # in a summary, not a series
-SLUG_LENGTH = 48  # characters of the prompt in an image's file name
-GRID_COLUMNS = 8
 
 
 @dataclass
@@ -77,11 +86,12 @@ def generate_and_score(
     batch_size: int,
     seed: int,
     indices: list[int] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> EvalResult:
     """Sample prompts on seeded latents (same sampler as training, no gradient) and score them.
 
     Prompt i always gets latent i of the seeded draw, so a subset (`indices`, e.g. one process's share)
-    produces exactly the images the full set would.
+    produces exactly the images the full set would. `progress(n)` is called after every batch of n images.
     """
     latents = seeded_latents(len(prompts), model, seed)
     indices = list(range(len(prompts))) if indices is None else list(indices)
@@ -95,6 +105,8 @@ def generate_and_score(
         rewards.append(result.reward.float().cpu())
         for name, values in result.metrics.items():
             metrics.setdefault(name, []).append(values.float().cpu())
+        if progress is not None:
+            progress(len(chunk))
     return EvalResult(
         prompts=list(prompts),
         images=torch.cat(images),
@@ -104,25 +116,40 @@ def generate_and_score(
 
 
 def evaluation_prompts(config) -> list[str]:
-    """The eval prompt set, repeated `eval_images_per_prompt` times (each repeat gets its own latent)."""
-    return load_prompts(config.eval_prompt_fn) * config.eval_images_per_prompt
+    """The evaluation set of `config.eval_prompts` (module docstring); each entry gets its own latent."""
+    prompts = load_prompts(config.eval_prompt_fn)
+    if config.get("eval_prompts", "all") == "original":
+        count = config.train.batch_size_per_gpu_available * config.max_vis_images
+        draw = random.Random(config.seed)
+        return [draw.choice(prompts) for _ in range(count)]
+    return prompts * config.eval_images_per_prompt
+
+
+def saved_image_count(config) -> int | None:
+    """Images kept of an evaluation during training: the first `max_vis_images`, or all of the original's set
+    (which has batch_size_per_gpu_available x max_vis_images images; the original saved every one)."""
+    return None if config.get("eval_prompts", "all") == "original" else config.max_vis_images
 
 
 class Evaluator:
-    """Evaluates whatever LoRA the model's denoiser holds; each process does a share, all get the result."""
+    """Evaluates whatever LoRA the model's denoiser holds; each process does a share, all get the result.
+    The main process shows a progress bar (images of its share) labelled `label`."""
 
     def __init__(self, accelerator, model: Family, reward: Reward, prompts: list[str], options, batch_size: int):
         self.accelerator, self.model, self.reward = accelerator, model, reward
         self.prompts, self.options, self.batch_size = prompts, options, batch_size
+        self.label = "evaluate"
 
     def __call__(self, seed: int) -> EvalResult:
         rank, count = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(len(self.prompts)))[rank::count]
         mine = None
         if indices:
-            mine = generate_and_score(
-                self.model, self.reward, self.prompts, self.options, self.batch_size, seed, indices
-            )
+            quiet = not self.accelerator.is_main_process
+            with tqdm(total=len(indices), desc=self.label, unit="image", leave=False, disable=quiet) as bar:
+                mine = generate_and_score(
+                    self.model, self.reward, self.prompts, self.options, self.batch_size, seed, indices, bar.update
+                )
         return EvalResult.merge(gather_object([(indices, mine)]))
 
 
@@ -131,88 +158,6 @@ def evaluator_for(session: Session, config, batch_size: int) -> Evaluator:
     options = sampling_options_from_config(config)
     prompts = evaluation_prompts(config)
     return Evaluator(session.accelerator, session.model, session.reward, prompts, options, batch_size)
-
-
-# --- what gets written ------------------------------------------------------------------------------
-
-
-def image_file_name(index: int, prompt: str) -> str:
-    """Index (unique) + a short slug of the prompt (safe whatever the prompt holds)."""
-    return f"{index:04d}_{slugify(prompt, max_length=SLUG_LENGTH)}.png"
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
-
-
-def drawable(text: str, font) -> str:
-    """PIL's bitmap fallback font only knows latin-1; FreeType fonts draw any text."""
-    return text if isinstance(font, ImageFont.FreeTypeFont) else text.encode("latin-1", "replace").decode("latin-1")
-
-
-def save_grid(rows: list[tuple[str, EvalResult]], path: Path, cell: int = 128, columns: int | None = None) -> None:
-    """One row per result (e.g. "before", "after"), wrapped every `columns` images; captions: prompt | reward."""
-    columns = columns or max(len(result.prompts) for _, result in rows)
-    label_width = 70 if any(label for label, _ in rows) else 0
-    caption_height = 28
-    lines = [math.ceil(len(result.prompts) / columns) for _, result in rows]
-    canvas = Image.new("RGB", (label_width + columns * cell, max(sum(lines), 1) * (cell + caption_height)), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    first_line = 0
-    for (label, result), line_count in zip(rows, lines):
-        top = first_line * (cell + caption_height)
-        draw.text((4, top + cell // 2), drawable(label, font), fill="black", font=font)
-        for i, (image, prompt, reward) in enumerate(zip(result.images, result.prompts, result.rewards)):
-            left = label_width + (i % columns) * cell
-            cell_top = top + (i // columns) * (cell + caption_height)
-            canvas.paste(to_pil(image).resize((cell, cell), Image.NEAREST), (left, cell_top))
-            caption = f"{prompt[:18]}\n{reward.item():.3g}"
-            draw.text((left + 2, cell_top + cell + 2), drawable(caption, font), fill="black", font=font)
-        first_line += line_count
-    canvas.save(path)
-
-
-def write_evaluation(result: EvalResult, directory: Path, context: dict, max_images: int | None = None) -> dict:
-    """directory/images/<index>_<slug>.png (the first `max_images`), grid.png and summary.json.
-
-    Returns the summary (the statistics always cover every image, saved or not).
-    """
-    shown = result.head(max_images)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    files = []
-    for index, (image, prompt) in enumerate(zip(shown.images, shown.prompts)):
-        files.append(f"images/{image_file_name(index, prompt)}")
-        to_pil(image).save(directory / files[-1])
-    save_grid([("", shown)], directory / "grid.png", columns=min(GRID_COLUMNS, max(len(files), 1)))
-    summary = {**context, "num_images": len(result.prompts), **result.summary()}
-    per_image = []
-    for index, prompt in enumerate(result.prompts):
-        entry = {"index": index, "prompt": prompt, "file": files[index] if index < len(files) else None}
-        entry["reward"] = result.rewards[index].item()
-        entry.update({name: values[index].item() for name, values in result.metrics.items()})
-        per_image.append(entry)
-    (directory / "summary.json").write_text(json.dumps({**summary, "images": per_image}, indent=2) + "\n")
-    return summary
-
-
-def log_to_trackers(accelerator, prefix: str, summary: dict, grid: Path | None, step: int) -> None:
-    """Scalars (numbers of the summary, not the settings: those are the logged config) and the grid image
-    to every tracker (wandb, tensorboard)."""
-    scalars = {
-        f"{prefix}/{k}": v
-        for k, v in summary.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SETTINGS
-    }
-    accelerator.log(scalars, step=step)
-    if grid is None or not accelerator.is_main_process:
-        return
-    image = np.asarray(Image.open(grid).convert("RGB"))
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.log_images({f"{prefix}/grid": image[None]}, step=step, dataformats="NHWC")
-        elif hasattr(tracker, "log_images"):
-            tracker.log_images({f"{prefix}/grid": [image]}, step=step)
 
 
 # --- the evaluate preset ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ resumed run: the checkpoint's run is never written to).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ def prepare_training(config, batches: BatchPlan) -> Job:
         saved = checkpoint.resolve(config.resume_from)
         checkpoint.check_resumable(saved, config.num_epochs, batches.num_processes, batches.updates_per_epoch)
         check_matches_config(read_lora(saved.lora_path), config.lora)
-        saved.training_state()  # readable (and plain data) before the run directory is made
+        checkpoint.read_training_state(saved)  # readable, complete, finite: before the run directory is made
         config.resume_from = str(saved.path)  # the exact checkpoint, as config.json will record it
     return Job("train", batches, lambda session, run_dir: train.train(config, batches, run_dir, session))
 
@@ -82,6 +83,11 @@ def shared_run_dir(config) -> Path:
     return Path(holder[0])
 
 
+def holds_only_the_config(run_dir: Path) -> bool:
+    """Nothing but config.json was written (a start-up failure: LoRA targets, prompts the reward cannot read)."""
+    return all(path.name == "config.json" or path.is_dir() for path in run_dir.rglob("*"))
+
+
 def describe(job: Job, config, run_dir: Path) -> str:
     """The start-up lines: where things go and, for training, the batch arithmetic."""
     lines = [f"run directory: {run_dir}"]
@@ -109,6 +115,8 @@ def run_job(config) -> tuple[Job, Path, object]:
     try:
         return job, run_dir, job.work(session, run_dir)
     except Exception as error:
+        if PartialState().is_main_process and holds_only_the_config(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before writing anything: leave nothing behind
         problem = os_error_behind(error)
         if problem is None or not (isinstance(error, checkpoint.SaveError) or problem.errno in DISK_FULL):
             raise  # not a write that the disk refused: a bug, keep its traceback

@@ -109,7 +109,7 @@ def read_lora(path: Path) -> LoraWeights:
     if file.suffix == ".bin":
         return read_original_lora(file)
     try:
-        tensors = load_file(str(file), device="cpu")
+        tensors = _diffusers_keys(load_file(str(file), device="cpu"))
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             header = handle.metadata() or {}
         metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else None
@@ -122,6 +122,13 @@ def read_lora(path: Path) -> LoraWeights:
             "'unet.<module>.lora.down.weight')"
         )
     return LoraWeights(tensors, metadata, file)
+
+
+def _diffusers_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's key layout (`<module>.lora_A.weight`: what diffusers' SD3 / FLUX pipelines save, and what their
+    DreamBooth-LoRA scripts write) -> the `<module>.lora.down.weight` layout the rest of this module reads."""
+    renamed = (key.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up.") for key in tensors)
+    return dict(zip(renamed, tensors.values()))
 
 
 def read_original_lora(file: Path) -> LoraWeights:

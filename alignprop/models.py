@@ -91,8 +91,8 @@ def pipeline_class_name(source: str, revision: str) -> str:
     return DiffusionPipeline.load_config(source, revision=revision)["_class_name"]
 
 
-def _from_source(family: type[Family], source: str, revision: str, dtype: torch.dtype):
-    common = {"dtype": dtype, **family.load_kwargs}
+def _from_source(family: type[Family], source: str, revision: str, dtype: torch.dtype, components: dict):
+    common = {"dtype": dtype, **family.load_kwargs, **components}
     path = Path(source)
     if path.is_file():
         if path.suffix not in SINGLE_FILE_SUFFIXES:
@@ -101,12 +101,14 @@ def _from_source(family: type[Family], source: str, revision: str, dtype: torch.
     return family.pipeline_class.from_pretrained(source, revision=revision, **common)
 
 
-def load_pipeline(model: str, revision: str = "main", dtype: torch.dtype = torch.float32):
-    """Load the model's pipeline (its family read from the model) with DDIM; weights frozen in `dtype`."""
+def load_pipeline(model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = ""):
+    """Load the model's pipeline (its family read from the model), its scheduler and frozen weights in `dtype`;
+    `vae`: another AutoencoderKL to use (e.g. an fp16-safe SDXL VAE)."""
     source = resolve_model_source(model)
     try:
         family = family_class(pipeline_class_name(source, revision))
-        pipeline = _from_source(family, source, revision, dtype)
+        components = {"vae": _load_vae(vae, dtype)} if vae else {}
+        pipeline = _from_source(family, source, revision, dtype, components)
     except (OSError, HFValidationError, ValueError, KeyError, json.JSONDecodeError) as error:
         raise UserError(
             f"cannot load model {excerpt(model)} ({type(error).__name__}: {str(error).splitlines()[0]}); "
@@ -116,7 +118,14 @@ def load_pipeline(model: str, revision: str = "main", dtype: torch.dtype = torch
     return pipeline
 
 
-def load_model(model: str, revision: str = "main", dtype: torch.dtype = torch.float32) -> Family:
+def _load_vae(source: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL
+
+    check_model_name(source)
+    return AutoencoderKL.from_pretrained(source, dtype=dtype)
+
+
+def load_model(model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = "") -> Family:
     """`load_pipeline`, wrapped in its family (what the sampler and the trainer use)."""
-    pipeline = load_pipeline(model, revision, dtype)
+    pipeline = load_pipeline(model, revision, dtype, vae)
     return family_class(type(pipeline).__name__)(pipeline)

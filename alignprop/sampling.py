@@ -157,6 +157,6 @@ def decode(model: Family, latents: torch.Tensor, options: SamplingOptions | None
 @torch.no_grad()
 def generate_images(model: Family, prompts: list[str], latents: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """One batch of images in [-1, 1] for `prompts` from `latents`: the training sampler, without gradient."""
-    conditioning = model.encode(prompts, guided=model.guided(options))
+    conditioning = model.conditioning(prompts, guided=model.guided(options))
     final = sample(model, conditioning, latents.to(model.denoiser.device), (False,) * options.steps, options)
     return decode(model, final, options)

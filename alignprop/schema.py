@@ -277,6 +277,15 @@ def _preprocess_modes():
     return tuple(PREPROCESS_MODES)
 
 
+def _lr_schedulers():
+    # diffusers.optimization's names except piecewise_constant (its step rules are a setting we do not expose);
+    # cosine_with_restarts runs diffusers' default of one cycle, polynomial its default power 1.
+    return ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+EVAL_PROMPT_MODES = ("all", "original")
+
+
 def _one_path_component(name: str) -> None:
     if "/" in name or "\\" in name or name in (".", ".."):
         raise UserError(f"wandb.project must be a plain name (it names a directory), got {excerpt(name)}")
@@ -307,6 +316,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "mixed_precision": Text(choices=_precisions),
     "allow_tf32": Flag(),
     "debug": Flag(),
+    "dry_run": Flag(),
     "tracker": Text(choices=_trackers),
     "max_nonfinite_in_a_row": Int(1),
     # resume / evaluate / soup
@@ -319,6 +329,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "only_eval": Flag(),
     "same_evaluation": Flag(),
     "eval_images_per_prompt": Int(1),
+    "eval_prompts": Text(choices=lambda: EVAL_PROMPT_MODES),
     # visualisation
     "vis_freq": Int(0, note="0: before and after only"),
     "max_vis_images": Int(0),
@@ -339,16 +350,21 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "truncated_backprop": Flag(),
     "truncated_backprop_rand": Flag(),
     "truncated_backprop_minmax": Pair(Int(0, 1000), ordered=True),
-    "trunc_backprop_timestep": Int(0, 1000),
+    "trunc_backprop_timestep": Int(0, 1000, note="the cut of fixed; 100, the base's, is accepted while unused"),
     "truncation_gaussian_mean": Number(),
     "truncation_gaussian_std": POSITIVE,
     "grad_checkpoint": Flag(),
     "decode_checkpoint": Flag(),
     "native_dtype": Flag(),
     "fold_lora": Flag(),
+    "original_training_noise": Flag(),
+    "offload_text_encoders": Flag(),
+    "vae_tiling": Flag(),
+    "vae_slicing": Flag(),
     # model
     "pretrained.model": Text(empty=False, note="a hub id, a local directory or file, or tiny / toyworld"),
     "pretrained.revision": Text(empty=False),
+    "pretrained.vae": Text(note="empty, or a hub id / local directory of an AutoencoderKL"),
     "lora.rank": Int(1, 1024),
     "lora.alpha": POSITIVE,
     "lora.target_modules": Names(),
@@ -361,6 +377,8 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "train.max_grad_norm": POSITIVE,
     "train.loss_coeff": POSITIVE,
     "train.use_8bit_adam": Flag(),
+    "train.lr_scheduler": Text(choices=_lr_schedulers),
+    "train.lr_warmup_steps": Int(0, note="optimizer updates"),
     "train.total_samples_per_epoch": Int(1),
     "train.total_batch_size": Int(1),
     "train.batch_size_per_gpu_available": Int(1),
@@ -392,6 +410,9 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "rewards.toyworld.area_target": Number(0, 1, low_open=True, high_open=True),
     "rewards.toyworld.position_target": Pair(Number(0, 1), note="x, y"),
     "rewards.combination": Text(note="e.g. 'aesthetic:1.0,hps:0.5'"),
+    # publishing
+    "push_to_hub": Flag(),
+    "hub_model_id": Text(note="empty: the run directory's name"),
 }
 
 # Options that only the soup reads, with the values that mean "not asked for".
@@ -424,6 +445,30 @@ def check(config) -> None:
         check_value(key, value)
     check_soup(config)
     check_combination(config)
+    check_eval_prompts(config)
+    check_push_to_hub(config)
+
+
+def check_push_to_hub(config) -> None:
+    """push_to_hub publishes the LoRA a training run produced; an evaluation or soup has none to publish."""
+    if config.get("push_to_hub") and (config.get("only_eval") or config.get("soup_inference")):
+        raise UserError(
+            "push_to_hub publishes a trained LoRA: it needs a training run (only_eval and soup_inference off)"
+        )
+
+
+def check_eval_prompts(config) -> None:
+    """eval_images_per_prompt counts images per line of the eval file, which "original" does not evaluate."""
+    if config.get("eval_prompts") == "original" and config.get("max_vis_images", 1) < 1:
+        raise UserError(
+            "eval_prompts='original' evaluates train.batch_size_per_gpu_available x max_vis_images "
+            "prompts: max_vis_images must be at least 1"
+        )
+    if config.get("eval_prompts") == "original" and config.get("eval_images_per_prompt", 1) != 1:
+        raise UserError(
+            "eval_images_per_prompt applies to eval_prompts='all'; eval_prompts='original' draws "
+            "train.batch_size_per_gpu_available x max_vis_images prompts instead: set one or the other"
+        )
 
 
 def _differs(value, default) -> bool:

@@ -17,6 +17,7 @@ from accelerate.utils import ProjectConfiguration
 
 from alignprop import models
 from alignprop.families import Family
+from alignprop.prompts import load_prompts
 from alignprop.rewards import Reward, build_reward
 
 
@@ -44,8 +45,14 @@ def build_session(config) -> Session:
     """Accelerator, frozen model (on the accelerator's device) and reward, from a validated config."""
     accelerator = make_accelerator(config)
     dtype = models.inference_dtype(config.mixed_precision)
-    model = models.load_model(config.pretrained.model, config.pretrained.revision, dtype)
+    model = models.load_model(config.pretrained.model, config.pretrained.revision, dtype, vae=config.pretrained.vae)
     model.pipeline.to(accelerator.device)
+    if config.vae_tiling:
+        model.vae.enable_tiling()
+    if config.vae_slicing:
+        model.vae.enable_slicing()
+    if config.offload_text_encoders:  # every prompt the run can meet, encoded once
+        model.offload_text_encoders(load_prompts(config.prompt_fn) + load_prompts(config.eval_prompt_fn))
     reward = build_reward(config, accelerator.device, dtype)
     return Session(accelerator, dtype, model, reward)
 

@@ -174,6 +174,7 @@ def run_soup(session, config, batch_size: int, run_dir: Path, inputs: SoupInputs
     }
     for step, coefficient in enumerate(inputs.coefficients):
         soup.set_coefficient(coefficient)
+        evaluator.label = f"soup {step + 1}/{len(inputs.coefficients)} c={coefficient:g}"  # its progress bar
         result = evaluator(config.seed)
         if accelerator.is_main_process:
             name = coefficient_dir(coefficient)

@@ -30,7 +30,8 @@ from alignprop.evaluate import (
     evaluation_context,
     evaluator_for,
     log_to_trackers,
-    save_grid,
+    save_before_after,
+    saved_image_count,
     write_evaluation,
 )
 from alignprop.interrupts import InterruptFlag
@@ -63,6 +64,8 @@ class Scored:
     loss: torch.Tensor  # the micro-batch's loss (mean x loss_coeff), differentiable when a step kept its gradient
     result: RewardResult
     keep_grad: tuple[bool, ...]
+    prompts: tuple[str, ...] = ()
+    images: torch.Tensor | None = None  # the decoded images, detached (visualize_train saves some)
 
 
 def make_optimizer(train_config, params):
@@ -78,6 +81,19 @@ def make_optimizer(train_config, params):
         betas=(train_config.adam_beta1, train_config.adam_beta2),
         weight_decay=train_config.adam_weight_decay,
         eps=train_config.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(train_config, optimizer, total_updates: int):
+    """diffusers' schedule `train.lr_scheduler` over the run's optimizer updates, `train.lr_warmup_steps` of warmup
+    (update k, counted from 1, uses the schedule's value at k - 1; stepped once per update, skipped ones included)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        train_config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=train_config.lr_warmup_steps,
+        num_training_steps=total_updates,
     )
 
 
@@ -109,6 +125,8 @@ class Trainer:
         set_seed(config.seed)  # peft's LoRA init draws from the global generators: the same on every process
         self.params = add_lora(self.denoiser, config.lora.rank, config.lora.alpha, config.lora.target_modules)
         self.optimizer = self.accelerator.prepare(make_optimizer(config.train, self.params))
+        total_updates = config.num_epochs * batches.updates_per_epoch
+        self.lr_scheduler = make_lr_scheduler(config.train, self.optimizer, total_updates)
         self.options = sampling_options_from_config(config)
         self.truncation = truncation_from_config(config)
         self.prompts = load_prompts(config.prompt_fn)
@@ -131,11 +149,12 @@ class Trainer:
         accumulation = self.batches.gradient_accumulation_steps
         scored = []
         for _ in range(accumulation):
-            # 1. Sample a micro-batch along its truncation plan, decode, score.
-            out = self.sample_and_score(self.draw_micro_batch())
-            # 2. Backpropagate (a plan that kept no step has nothing to learn from).
-            if out.loss.requires_grad:
-                self.accelerator.backward(out.loss / accumulation)
+            with torch.autograd.set_detect_anomaly(self.config.debug):  # debug: name the op behind a NaN gradient
+                # 1. Sample a micro-batch along its truncation plan, decode, score.
+                out = self.sample_and_score(self.draw_micro_batch())
+                # 2. Backpropagate (a plan that kept no step has nothing to learn from).
+                if out.loss.requires_grad:
+                    self.accelerator.backward(out.loss / accumulation)
             scored.append(out)
         # 3. Average the LoRA gradients over processes and clip them.
         self.synchronize_gradients()
@@ -145,7 +164,10 @@ class Trainer:
         stepped = self.guard.step(self.optimizer, self.params, losses, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         self.update += 1
-        return self.update_record(scored, grad_norm, stepped, time.perf_counter() - started)
+        record = self.update_record(scored, grad_norm, stepped, time.perf_counter() - started)  # this update's lr
+        self.lr_scheduler.step()  # the next update's learning rate
+        self.save_train_samples(scored)
+        return record
 
     def draw_micro_batch(self) -> MicroBatch:
         """This process's next micro-batch, from its own random streams."""
@@ -156,10 +178,12 @@ class Trainer:
 
     def sample_and_score(self, batch: MicroBatch) -> Scored:
         with self.accelerator.autocast():
-            conditioning = self.model.encode(batch.prompts, guided=self.model.guided(self.options))
+            conditioning = self.model.conditioning(batch.prompts, guided=self.model.guided(self.options))
             final = sample(self.model, conditioning, batch.latents, batch.keep_grad, self.options, self.random.latents)
-            result = self.reward.score(decode(self.model, final, self.options), batch.prompts)
-        return Scored(result.loss.float().mean() * self.config.train.loss_coeff, result, batch.keep_grad)
+            images = decode(self.model, final, self.options)
+            result = self.reward.score(images, batch.prompts)
+        loss = result.loss.float().mean() * self.config.train.loss_coeff
+        return Scored(loss, result, batch.keep_grad, tuple(batch.prompts), images.detach())
 
     def synchronize_gradients(self) -> None:
         average_gradients(self.params, self.accelerator)
@@ -205,6 +229,7 @@ class Trainer:
                         progress.update()
                         if self.eval_due():
                             after = self.evaluate_and_record()
+                            self.reseed_training_noise()
                         if self.update < (epoch + 1) * per_epoch and self.interrupted():
                             self.stop_for_interrupt()
                     self.epoch = epoch + 1
@@ -222,7 +247,7 @@ class Trainer:
         self.log({"update": self.update, "lora_sha256_per_process": gather_object([lora_digest(self.params)])})
         if self.accelerator.is_main_process:
             save_lora(self.model, self.run_dir / "lora")
-            save_grid([("before", before), ("after", after)], self.run_dir / "before_after.png")
+            save_before_after(before, after, self.run_dir / "before_after.png")
         self.accelerator.end_training()
 
     def log(self, record: dict) -> None:
@@ -245,13 +270,43 @@ class Trainer:
         if self.accelerator.is_main_process:
             directory = self.run_dir / "eval" / f"update_{self.update:06d}"
             context = {**evaluation_context(self.config, None, "train"), "update": self.update}
-            summary = write_evaluation(result, directory, context, max_images=self.config.max_vis_images)
+            summary = write_evaluation(result, directory, context, max_images=saved_image_count(self.config))
             log_to_trackers(self.accelerator, "eval", summary, directory / "grid.png", step=self.update)
         return result
 
     def eval_due(self) -> bool:
         config = self.config
         return config.visualize_eval and config.vis_freq > 0 and self.update % config.vis_freq == 0
+
+    def reseed_training_noise(self) -> None:
+        """original_training_noise: the original reseeded the generator its training latents came from with `seed`
+        in every evaluation, on every process alike, so every update after an evaluation drew the same latents."""
+        if self.config.original_training_noise:
+            self.random.latents.manual_seed(self.config.seed)
+
+    # --- training samples (visualize_train) ---------------------------------------------------------
+
+    def samples_due(self) -> bool:
+        """Every vis_freq updates; with vis_freq=0 the first and the last update."""
+        config, total = self.config, self.config.num_epochs * self.batches.updates_per_epoch
+        if config.vis_freq > 0:
+            return self.update % config.vis_freq == 0
+        return self.update in (1, total)
+
+    def save_train_samples(self, scored: list[Scored]) -> None:
+        """visualize_train: the first max_vis_images (at least one) images of the update's first micro-batch on the
+        main process, with prompt and reward, in run_dir/train_samples/update_N/ and to the trackers."""
+        first = scored[0]
+        if not (self.config.visualize_train and self.accelerator.is_main_process and self.samples_due()):
+            return
+        if first.images is None:
+            return
+        count = max(1, self.config.max_vis_images)
+        rewards = first.result.reward.detach().float().cpu()[:count]
+        shown = EvalResult(list(first.prompts[:count]), first.images[:count].float().cpu(), rewards, {})
+        directory = self.run_dir / "train_samples" / f"update_{self.update:06d}"
+        write_evaluation(shown, directory, {"mode": "train_samples", "update": self.update})
+        log_to_trackers(self.accelerator, "train_samples", {}, directory / "grid.png", step=self.update)
 
     # --- interrupts ---------------------------------------------------------------------------------
 
@@ -297,6 +352,7 @@ class Trainer:
                 accelerator.scaler,
                 random_states,
                 self.guard.state_dict(),
+                self.lr_scheduler,
             )
 
             def write(directory: Path) -> None:
@@ -318,6 +374,8 @@ class Trainer:
         copy_into_adapter(self.denoiser, weights)
         state = checkpoint.read_training_state(saved, self.trainable_names())
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         mine = state["random"][self.accelerator.process_index]

@@ -1,9 +1,10 @@
-"""Pipelines to benchmark: the tiny test model, and Stable Diffusion 1.5's architecture with random weights.
+"""Pipelines to benchmark: the tiny test models, and SD1.5's and SDXL's architectures with random weights.
 
-Step time and memory do not depend on the weights, so `sd15` builds the SD1.5 UNet, VAE and CLIP text
-encoder from their published configurations (the `unet/`, `vae/` and `text_encoder/` config.json files of
-stable-diffusion-v1-5) without touching a hub. Only the tokenizer differs: the tiny model's
-character-level CLIP vocabulary, which yields valid ids for the 49408-entry embedding table.
+Step time and memory do not depend on the weights, so `sd15` / `sdxl` build the UNet, VAE and CLIP text
+encoder(s) from their published configurations (the `unet/`, `vae/`, `text_encoder*/` config.json files of
+stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0) without touching a hub. Only the tokenizer differs:
+the tiny model's character-level CLIP vocabulary, which yields valid ids for the 49408-entry embedding table.
+`tiny` / `tiny_sdxl` are the tests' random tiny models, loaded through the real loader.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from alignprop import models, tiny
-from alignprop.families import Family
+from alignprop.families import family_of
 from alignprop.toyworld.components import sampling_scheduler
 
-ARCHITECTURES = ("tiny", "sd15")
+ARCHITECTURES = ("tiny", "tiny_sdxl", "sd15", "sdxl")
 
 SD15_UNET = {
     "sample_size": 64,
@@ -67,13 +68,72 @@ SD15_TEXT_ENCODER = {
 }
 
 
+# stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json (SD1.5's VAE layout at 1024 px), and the two
+# text encoders (CLIP ViT-L/14's text tower; OpenCLIP ViT-bigG/14's, with a projection: the pooled embedding).
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (320, 640, 1280),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 2, 10),
+    "attention_head_dim": (5, 10, 20),
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+SDXL_VAE = {**SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT_ENCODER_2 = {
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+
+def special_tokens(tokenizer) -> dict:
+    eos = tokenizer.eos_token_id
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": eos}
+
+
+def build_sdxl(device: torch.device, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """SDXL base 1.0's architecture, random weights (seeded), built on `device` and cast to `dtype`."""
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer = tiny.build_tokenizer(Path(directory))
+    special = special_tokens(tokenizer)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER, **special))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2, **special))
+    return StableDiffusionXLPipeline(
+        vae=vae.to(dtype),
+        text_encoder=text_encoder.to(dtype),
+        text_encoder_2=text_encoder_2.to(dtype),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet.to(dtype),
+        scheduler=sampling_scheduler(),  # scaled-linear 0.00085-0.012 over 1000 steps, as SDXL's
+        force_zeros_for_empty_prompt=True,
+    )
+
+
 def build_sd15(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """SD1.5's architecture, random weights (seeded), built directly on `device` and cast to `dtype`."""
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as directory:
         tokenizer = tiny.build_tokenizer(Path(directory))
-    eos = tokenizer.eos_token_id
-    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": eos, "pad_token_id": eos}
+    special = special_tokens(tokenizer)
     with torch.device(device):  # random init on the accelerator: seconds instead of a minute on the CPU
         unet = UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD15_VAE)
@@ -92,11 +152,11 @@ def build_sd15(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipel
 
 def build_pipeline(arch: str, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """A frozen, prepared pipeline of architecture `arch` on `device` (weights in `dtype`)."""
-    if arch == "tiny":
+    if arch in ("tiny", "tiny_sdxl"):
         # Through the real loader, like a downloaded checkpoint.
-        return models.load_pipeline("tiny", dtype=dtype).to(device)
-    if arch == "sd15":
-        pipeline = build_sd15(device, dtype)
-        Family(pipeline).prepare()
+        return models.load_pipeline(arch, dtype=dtype).to(device)
+    if arch in ("sd15", "sdxl"):
+        pipeline = (build_sd15 if arch == "sd15" else build_sdxl)(device, dtype)
+        family_of(pipeline).prepare()
         return pipeline
     raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")

@@ -1,4 +1,4 @@
-"""AlignProp presets: one base and small differences from it (DESIGN.md section 2).
+"""AlignProp presets: one base (the original code's `general()`) and small differences from it.
 
 Use as `--config config/align_prop.py:PRESET` with any `--config.key=value` override. Key names follow
 the original code so its users' overrides carry over; new knobs are additions.
@@ -6,7 +6,17 @@ the original code so its users' overrides carry over; new knobs are additions.
 
 import ml_collections
 
-PRESETS = ("aesthetic", "aesthetic_k1", "hps", "hps_k1", "evaluate", "evaluate_soup", "tiny")
+PRESETS = (
+    "aesthetic",
+    "aesthetic_k1",
+    "hps",
+    "hps_k1",
+    "aesthetic_sdxl",
+    "hps_sdxl",
+    "evaluate",
+    "evaluate_soup",
+    "tiny",
+)
 
 
 def reward_options():
@@ -67,7 +77,8 @@ def general():
     config.num_checkpoint_limit = 10  # keep the newest this many
     config.mixed_precision = "fp16"  # "fp16" | "bf16" | "no"
     config.allow_tf32 = True
-    config.debug = False
+    config.debug = False  # torch.autograd anomaly detection in every training update (slow; names the op behind NaN)
+    config.dry_run = False  # list the files the run reads (model, reward weights, prompts) and what is missing
     config.tracker = "none"  # "none" | "wandb" | "tensorboard"; logs/RUN/metrics.jsonl is always written
     config.wandb = wandb = ml_collections.ConfigDict()  # with tracker="wandb"
     wandb.project = "alignprop"  # also tensorboard's sub-directory name
@@ -90,12 +101,15 @@ def general():
     config.soup_sweep = ()  # e.g. (0, 0.25, 0.5, 0.75, 1): evaluate each coefficient, write a table and plot
     config.only_eval = False
     config.same_evaluation = True  # fixed-seed evaluation latents
-    config.eval_images_per_prompt = 1  # evaluation images per prompt of eval_prompt_fn (each its own latent)
+    config.eval_images_per_prompt = 1  # eval_prompts="all": images per prompt of eval_prompt_fn (each its own latent)
+    # "all": every line of eval_prompt_fn (x eval_images_per_prompt); "original": the original code's set, drawn once
+    # at start: batch_size_per_gpu_available x max_vis_images prompts at random with replacement (seeded by `seed`).
+    config.eval_prompts = "all"
 
     # --- visualisation ---
     config.vis_freq = 1  # optimizer updates between evaluations during training (0: before and after only)
     config.max_vis_images = 2  # images saved per evaluation during training
-    config.visualize_train = False
+    config.visualize_train = False  # save the first training images every vis_freq updates (RUN/train_samples/)
     config.visualize_eval = True
 
     # --- prompts and reward ---
@@ -114,26 +128,37 @@ def general():
     # --- truncated backprop ---
     # `truncation_strategy` picks the strategy by name; "auto" derives it from the original's flags:
     # truncated_backprop=False -> "full"; truncated_backprop_rand=True -> "per_step_uniform"; else "fixed".
+    # The base has the original's values: truncation off (full backprop); the presets switch it on with the flags.
+    # A strategy named on the command line that contradicts a flag given there is an error (alignprop/cli.py).
     config.truncation_strategy = "auto"  # auto | fixed | per_step_uniform | uniform | gaussian | full
-    config.truncated_backprop = True
-    config.truncated_backprop_rand = True
-    config.truncated_backprop_minmax = (0, 50)
-    config.trunc_backprop_timestep = 49
+    config.truncated_backprop = False
+    config.truncated_backprop_rand = False
+    config.truncated_backprop_minmax = (35, 45)
+    config.trunc_backprop_timestep = 100  # the cut of "fixed" (unused while off or random)
     config.truncation_gaussian_mean = 42.0
     config.truncation_gaussian_std = 5.0
     config.grad_checkpoint = True  # checkpoint every UNet call that keeps its gradient
-    config.decode_checkpoint = False  # checkpoint the VAE decode too (measured: no gain at 512 px, K=1)
-    # Run the frozen UNet/VAE in their own bf16/fp16 with autocast off (LoRA maths stays fp32).
-    # Measured on an H100, SD1.5, K=1, batch 4: peak memory 21.6 -> 14.5 GiB at the same speed.
+    config.decode_checkpoint = False  # checkpoint the VAE decode too (benchmarks/README.md)
+    # Run the frozen networks in their own bf16/fp16 with autocast off (LoRA maths stays fp32); less memory.
     config.native_dtype = False
-    # Experimental: fold the LoRA into the base weights for UNet calls without gradient (fewer operator
-    # launches; -39% ops per SD1.5 call). Gradients unchanged; step-time gain not yet measured on a GPU.
+    # Experimental: fold the LoRA into the base weights for denoiser calls without gradient (fewer operator
+    # launches). Gradients unchanged; see benchmarks/README.md.
     config.fold_lora = False
+    # The original's training noise: every evaluation reseeded the generator the training latents come from with
+    # `seed`, so with vis_freq=1 every update after the first drew the same latents, on every process. Off: fresh
+    # latents from per-process streams (README: differences from the original code).
+    config.original_training_noise = False
+    # Memory for large models (SDXL, SD3, FLUX): encode every prompt once and move the text encoders to the
+    # CPU; decode the VAE in tiles / one image at a time (diffusers' enable_tiling / enable_slicing).
+    config.offload_text_encoders = False
+    config.vae_tiling = False
+    config.vae_slicing = False
 
     # --- model ---
     config.pretrained = pretrained = ml_collections.ConfigDict()
     pretrained.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     pretrained.revision = "main"
+    pretrained.vae = ""  # another VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
 
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 4
@@ -150,6 +175,10 @@ def general():
     train.max_grad_norm = 1.0
     train.loss_coeff = 1.0
     train.use_8bit_adam = False
+    # Learning-rate schedule (diffusers.optimization.get_scheduler): "constant" (the original's),
+    # "constant_with_warmup", "linear", "cosine", ...; warmup and decay counted in optimizer updates over num_epochs.
+    train.lr_scheduler = "constant"
+    train.lr_warmup_steps = 0
     # Batch math: samples per epoch and per optimizer update are totals over all processes;
     # `batch_size_per_gpu_available` is what one process fits in one forward pass. The derived fields
     # (gradient_accumulation_steps, data_loader_iterations) are filled in from the process count at start.
@@ -158,6 +187,13 @@ def general():
     train.batch_size_per_gpu_available = 4
     train.gradient_accumulation_steps = -1  # derived
     train.data_loader_iterations = -1  # derived
+
+    # --- publishing ---
+    # After training, the final LoRA with a model card (base model, reward, preset, updates, eval rewards, grid) goes
+    # to the hub repo `hub_model_id` (empty: the run directory's name); without a hub (offline, not logged in) the card
+    # and files stay in RUN/hub/.
+    config.push_to_hub = False
+    config.hub_model_id = ""
     return config
 
 
@@ -170,15 +206,17 @@ def _paper_finetune(config, reward_fn, prompt_fn, eval_prompt_fn, num_epochs):
     config.train.adam_weight_decay = 0.1
     config.train.max_grad_norm = 5.0
     config.train.loss_coeff = 0.01
-    config.truncation_strategy = "per_step_uniform"
+    # The original's truncation flags (truncation_strategy stays "auto"): random per-step cut in [0, 50].
+    config.truncated_backprop = True
     config.truncated_backprop_rand = True
     config.truncated_backprop_minmax = (0, 50)
+    config.trunc_backprop_timestep = 40  # unused while random, as in the original
     config.rewards.preprocess = "original"  # the original's reward inputs (README: differences from the original)
+    config.eval_prompts = "original"  # the original's evaluation set
     return config
 
 
 def _k1(config):
-    config.truncation_strategy = "fixed"
     config.truncated_backprop_rand = False
     config.trunc_backprop_timestep = 49
     return config
@@ -208,6 +246,34 @@ def hps_k1():
     return _k1(hps())
 
 
+def _sdxl(config):
+    """SDXL base 1.0 at 1024 px; sources of each value in README "SDXL and SD2.x"; starting points, not tuned."""
+    config.pretrained.model = "stabilityai/stable-diffusion-xl-base-1.0"  # DRTune's FDXL starts from it
+    config.mixed_precision = "bf16"  # SDXL's VAE overflows in fp16 (or fp16 with pretrained.vae=<fp16-fix VAE>)
+    config.sd_guidance_scale = 5.0  # StableDiffusionXLPipeline's default
+    config.rewards.preprocess = "processor"  # a new model: the reward models' own preprocessing
+    # Memory at 1024 px: one sample per pass, text encoders encoded once and moved off, VAE decode
+    # checkpointed and sliced, frozen networks in bf16 with autocast off.
+    config.train.batch_size_per_gpu_available = 1
+    config.offload_text_encoders = True
+    config.decode_checkpoint = True
+    config.vae_slicing = True
+    config.native_dtype = True
+    return config
+
+
+def aesthetic_sdxl():
+    """aesthetic on SDXL base 1.0 (1024 px, bf16): a starting point, not tuned."""
+    return _sdxl(aesthetic())
+
+
+def hps_sdxl():
+    """HPS v2.1 on SDXL base 1.0 (1024 px, bf16), as DRTune's FDXL: a starting point, not tuned."""
+    config = _sdxl(hps())
+    config.rewards.hps.version = "v2.1"
+    return config
+
+
 def evaluate():
     """Evaluate --config.resume_from (a run, a LoRA, or stablediffusion) on 6 unseen animals, aesthetic reward."""
     config = general()
@@ -217,6 +283,7 @@ def evaluate():
     config.eval_prompt_fn = "eval_simple_animals"
     config.max_vis_images = 10
     config.rewards.preprocess = "original"
+    config.eval_prompts = "original"  # 4 x 10 prompts drawn with replacement, as the original evaluated
     return config
 
 
@@ -247,9 +314,10 @@ def tiny():
     config.num_epochs = 20
     config.save_freq = 20
     config.vis_freq = 0  # evaluate before and after
-    config.truncation_strategy = "per_step_uniform"
+    config.truncated_backprop = True  # the original's flags: a random per-step cut in [0, 20]
+    config.truncated_backprop_rand = True
     config.truncated_backprop_minmax = (0, 20)
-    config.trunc_backprop_timestep = 19
+    config.trunc_backprop_timestep = 19  # with --config.truncated_backprop_rand=False: K=1
     config.train.learning_rate = 1e-3
     config.train.adam_weight_decay = 0.0
     config.train.total_samples_per_epoch = 16

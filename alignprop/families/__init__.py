@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from alignprop.errors import UserError
 from alignprop.families.base import Family
+from alignprop.families.flux import Flux
+from alignprop.families.sd3 import StableDiffusion3
 from alignprop.families.sdxl import StableDiffusionXL
 
-FAMILIES = (Family, StableDiffusionXL)
+FAMILIES = (Family, StableDiffusionXL, StableDiffusion3, Flux)
 
 
 def family_class(pipeline_class_name: str) -> type[Family]:
@@ -37,4 +39,4 @@ def family_of(pipeline) -> Family:
     return family_class(type(pipeline).__name__)(pipeline)
 
 
-__all__ = ["FAMILIES", "Family", "StableDiffusionXL", "family_class", "family_of"]
+__all__ = ["FAMILIES", "Family", "Flux", "StableDiffusion3", "StableDiffusionXL", "family_class", "family_of"]

@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from alignprop.conditioning import Conditioning
+from alignprop.errors import UserError, excerpt
 
 
 class Family:
@@ -22,8 +23,11 @@ class Family:
     frozen_names = ("vae", "text_encoder", "unet")
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}  # no NSFW filter while training
 
+    text_encoder_names = ("text_encoder",)
+
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        self.prompt_cache: dict[str, Conditioning] | None = None  # set by `offload_text_encoders`
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -60,6 +64,29 @@ class Family:
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict) -> torch.Tensor:
         return self.denoiser(latents, timestep, **kwargs).sample
+
+    def conditioning(self, prompts: list[str], guided: bool = True) -> Conditioning:
+        """`encode`, or the cached encodings once the text encoders are offloaded."""
+        if self.prompt_cache is None:
+            return self.encode(prompts, guided)
+        missing = [prompt for prompt in prompts if prompt not in self.prompt_cache]
+        if missing:
+            raise UserError(f"prompt {excerpt(missing[0])} was not encoded before the text encoders were offloaded")
+        return Conditioning.join([self.prompt_cache[prompt] for prompt in prompts], guided)
+
+    def offload_text_encoders(self, prompts: list[str], batch_size: int = 16) -> None:
+        """Encode every prompt once (with its unconditional partner), then move the text encoders to the CPU:
+        their memory (T5-XXL: 4.7B parameters) is freed on the accelerator for the whole run."""
+        unique = list(dict.fromkeys(prompts))
+        cache = {}
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start : start + batch_size]
+            cache.update(zip(chunk, self.encode(chunk, guided=True).samples()))
+        for name in self.text_encoder_names:
+            module = getattr(self.pipeline, name, None)
+            if module is not None:
+                module.to("cpu")
+        self.prompt_cache = cache
 
     def guided(self, options) -> bool:
         """Whether sampling runs classifier-free guidance (one batched call over [uncond; cond]). At guidance 1,

@@ -15,6 +15,7 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
     frozen_names = ("vae", "text_encoder", "text_encoder_2", "unet")
+    text_encoder_names = ("text_encoder", "text_encoder_2")
     load_kwargs = {}
 
     @property

@@ -1,0 +1,142 @@
+"""Flow matching (rectified flow) families, and Stable Diffusion 3 / 3.5.
+
+`FlowMatching` is what SD3 and FLUX share: the model's own `FlowMatchEulerDiscreteScheduler` (its shifted sigmas,
+set by the scheduler's `set_timesteps`), the deterministic Euler step x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v,
+differentiable in x_i and v, and no DDIM `eta`. `StableDiffusion3` adds SD3's conditioning: CLIP-L, OpenCLIP-G and
+T5 through `StableDiffusion3Pipeline.encode_prompt` (the empty prompt as the negative, as the pipeline does), the
+pooled CLIP projections, and classifier-free guidance as one batched call over [uncond; cond].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.utils import convert_unet_state_dict_to_peft
+
+from alignprop.conditioning import Conditioning
+from alignprop.errors import UserError
+from alignprop.families.base import Family
+
+
+class FlowMatching(Family):
+    """What the flow-matching families share: their own Euler scheduler, no eta, the image size they sample at."""
+
+    load_kwargs = {}
+    # The image side in pixels; None: the model's own (see `image_size`). A number must be a multiple of
+    # 2 x the VAE's downsampling (16 for SD3 and FLUX: the transformer patches / packs latents 2x2).
+    resolution: int | None = None
+
+    @property
+    def default_resolution(self) -> int:
+        """The stock pipeline's default image side (`default_sample_size * vae_scale_factor`)."""
+        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        side = self.resolution or self.default_resolution
+        return side, side
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) of the VAE latents, as the stock pipelines compute them."""
+        factor = self.pipeline.vae_scale_factor
+        return tuple(int(side) // factor for side in self.image_size)
+
+    def prepare(self) -> None:
+        """The model's own flow-matching scheduler (kept); frozen eval-mode modules; no progress bars."""
+        for name in self.frozen_names:
+            module = getattr(self.pipeline, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.pipeline.set_progress_bar_config(disable=True)
+
+    def check_options(self, options) -> None:
+        """Refuse sampling options that have no meaning for a flow-matching model (one line each)."""
+        if options.eta != 0:
+            raise UserError(self._eta_message(options.eta))
+
+    def _eta_message(self, eta) -> str:
+        return (
+            f"eta={eta} is DDIM's noise level; {self.name} samples with the deterministic flow-matching Euler step, "
+            "which has none: set --config.eta=0"
+        )
+
+    def guided(self, options) -> bool:
+        self.check_options(options)
+        return super().guided(options)
+
+    def save_lora(self, directory: Path, layers: dict, metadata: dict) -> None:
+        """The transformer pipelines' layout: peft's key names (`<module>.lora_A.weight`), as diffusers' SD3 / FLUX
+        DreamBooth-LoRA scripts save them (its `.lora.down` conversion knows only to_q/k/v/out, not the
+        context projections)."""
+        super().save_lora(directory, convert_unet_state_dict_to_peft(layers), metadata)
+
+    def prepare_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Flow matching starts from the unscaled Gaussian (sigma_max = 1), as the stock pipelines do."""
+        return noise
+
+    def step(self, output, timestep, latents, eta: float = 0.0, generator: torch.Generator | None = None):
+        """The flow-matching Euler step of `FlowMatchEulerDiscreteScheduler.step` (equal to it in float32), on the
+        scheduler's own sigmas, without its internal step counter and without its float32 round trip (so that
+        float64 stays float64): x + (sigma_next - sigma) * v, differentiable in x and v."""
+        if eta != 0:
+            raise UserError(self._eta_message(eta))
+        index = self.scheduler.index_for_timestep(timestep)
+        sigmas = self.scheduler.sigmas
+        return latents + (sigmas[index + 1] - sigmas[index]) * output
+
+
+class StableDiffusion3(FlowMatching):
+    """SD3 / SD3.5: MMDiT transformer on 16-channel latents; CLIP-L + OpenCLIP-G + T5 prompts; CFG."""
+
+    name = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    denoiser_name = "transformer"
+    frozen_names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
+    text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], guided: bool = True) -> Conditioning:
+        """`StableDiffusion3Pipeline.encode_prompt` (T5 to 256 tokens, the pipeline's default; negatives: "")."""
+        pipeline = self.pipeline
+        device = pipeline.text_encoder.device
+        cond, uncond, pooled, uncond_pooled = pipeline.encode_prompt(
+            prompts, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided
+        )
+
+        def wrap(embeds, pooled_embeds):
+            return None if embeds is None else {"encoder_hidden_states": embeds, "pooled_projections": pooled_embeds}
+
+        return Conditioning(
+            cond=wrap(cond, pooled), uncond=wrap(uncond, uncond_pooled) if guided else None, batch_size=len(prompts)
+        )
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The transformer call of `StableDiffusion3Pipeline.__call__`: the timestep expanded to the batch."""
+        return self.denoiser(
+            hidden_states=latents, timestep=timestep.expand(latents.shape[0]), return_dict=False, **kwargs
+        )[0]
+
+    def set_timesteps(self, steps: int, device: torch.device) -> torch.Tensor:
+        """The stock pipeline's schedule: the scheduler's shifted sigmas, with `calculate_shift`'s mu when the
+        scheduler shifts dynamically (it does not for the released SD3 / SD3.5 configs)."""
+        scheduler, kwargs = self.scheduler, {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch = self.denoiser.config.patch_size
+            height, width = self.latent_size
+            kwargs["mu"] = calculate_shift(
+                (height // patch) * (width // patch),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        timesteps, _ = retrieve_timesteps(scheduler, steps, device, **kwargs)
+        return timesteps
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        """`StableDiffusion3Pipeline.prepare_latents`' shape at the model's image size."""
+        return (batch_size, self.denoiser.config.in_channels, *self.latent_size)

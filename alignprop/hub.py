@@ -1,0 +1,121 @@
+"""`--config.push_to_hub=True`: the final LoRA and a model card, in RUN/hub/ and then on the Hugging Face hub.
+
+The folder is always written first (README.md with the card, the LoRA in diffusers format, the before/after
+grid), so a run without a hub (offline, not logged in, no network) keeps exactly what would have been uploaded
+and says so in one line; `hf upload <repo> RUN/hub` sends it later.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+HUB_DIR = "hub"
+GRID_FILE = "before_after.png"
+
+
+def repo_id(config, run_dir: Path) -> str:
+    """hub_model_id, or the run directory's name (a repo of the logged-in user)."""
+    return config.hub_model_id or run_dir.name
+
+
+def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, after: dict) -> str:
+    """The model card: YAML metadata for the hub, then what was trained, how, and how well."""
+    base = config.pretrained.model
+    rows = [
+        ("base model", f"`{base}`"),
+        ("reward", f"`{config.reward_fn}`"),
+        ("preset", f"`{preset}`" if preset else "(a config given in code)"),
+        ("optimizer updates", str(updates)),
+        ("training prompts / evaluation prompts", f"`{config.prompt_fn}` / `{config.eval_prompt_fn}`"),
+        ("LoRA", f"rank {config.lora.rank}, alpha {config.lora.alpha:g}, on {', '.join(config.lora.target_modules)}"),
+        ("sampler", f"DDIM, {config.steps} steps, eta {config.eta:g}, guidance {config.sd_guidance_scale:g}"),
+        ("learning rate", f"{config.train.learning_rate:g} ({config.train.lr_scheduler})"),
+        ("seed", str(config.seed)),
+    ]
+    scores = [
+        f"| {name} | {before[name]:.4g} | {after[name]:.4g} |"
+        for name in after
+        if name.endswith(("_mean", "_std")) and name in before and isinstance(after[name], float)
+    ]
+    return "\n".join(
+        [
+            "---",
+            f"base_model: {base}",
+            "library_name: diffusers",
+            "tags:",
+            *(f"- {tag}" for tag in ("text-to-image", "diffusers", "lora", "alignprop", config.reward_fn)),
+            "---",
+            "",
+            f"# {repo_id(config, run_dir)}",
+            "",
+            f"A LoRA for `{base}` fine-tuned with AlignProp (reward backpropagation through the sampling chain) "
+            f"on the `{config.reward_fn}` reward.",
+            "",
+            "| setting | value |",
+            "|---|---|",
+            *(f"| {name} | {value} |" for name, value in rows),
+            "",
+            "## Evaluation (before -> after training, the run's final evaluation)",
+            "",
+            "| metric | before | after |",
+            "|---|---|---|",
+            *scores,
+            "",
+            f"![before and after]({GRID_FILE})",
+            "",
+            "## Use",
+            "",
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+            f'pipe.load_lora_weights("{repo_id(config, run_dir)}")',
+            "```",
+            "",
+        ]
+    )
+
+
+def write_folder(config, preset: str, run_dir: Path, updates: int, before: dict, after: dict) -> Path:
+    """RUN/hub/: README.md (the card), the LoRA file(s) and the before/after grid."""
+    folder = run_dir / HUB_DIR
+    folder.mkdir(exist_ok=True)
+    for file in sorted((run_dir / "lora").iterdir()):
+        shutil.copy2(file, folder / file.name)
+    if (run_dir / GRID_FILE).exists():
+        shutil.copy2(run_dir / GRID_FILE, folder / GRID_FILE)
+    (folder / "README.md").write_text(card_text(config, preset, run_dir, updates, before, after))
+    return folder
+
+
+def upload(folder: Path, repo: str) -> str:
+    """Create the repo (if needed) and upload the folder; returns the repo's URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo, exist_ok=True)
+    api.upload_folder(repo_id=url.repo_id, folder_path=folder, commit_message="AlignProp LoRA")
+    return str(url)
+
+
+def publish(
+    config, preset: str, run_dir: Path, updates: int, before: dict, after: dict, uploader: Callable | None = None
+) -> str:
+    """Write RUN/hub/ and upload it; returns the one line to print (where it went, or why it stayed local)."""
+    from huggingface_hub import constants
+
+    folder = write_folder(config, preset, run_dir, updates, before, after)
+    repo = repo_id(config, run_dir)
+    if constants.is_offline_mode():
+        return f"push_to_hub: offline (HF_HUB_OFFLINE): model card and LoRA written to {folder}, not uploaded"
+    try:
+        url = (uploader or upload)(folder, repo)
+    except Exception as error:  # no network, not logged in, no write access: the folder stays for later
+        reason = f"{type(error).__name__}: {' '.join(str(error).split())[:120]}"
+        return (
+            f"push_to_hub: could not upload to {repo!r} ({reason}); model card and LoRA are in {folder} "
+            f"(later: hf upload {repo} {folder})"
+        )
+    return f"push_to_hub: uploaded {folder} to {url}"
