@@ -13,6 +13,8 @@ PRESETS = (
     "hps_k1",
     "aesthetic_sdxl",
     "hps_sdxl",
+    "hps_sd35",
+    "hps_flux",
     "evaluate",
     "evaluate_soup",
     "tiny",
@@ -272,6 +274,55 @@ def hps_sdxl():
     config = _sdxl(hps())
     config.rewards.hps.version = "v2.1"
     return config
+
+
+# diffusers' train_dreambooth_lora_sd3.py default (the FLUX script's attention subset): the image stream's and the
+# joint-attention context's projections.
+FLOW_LORA_TARGETS = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+
+
+def _flow(config, model, steps, guidance):
+    """A flow-matching model (SD3.5, FLUX.1) at its native 1024 px in bf16, HPS v2.1, K=1; sources of each value in
+    README "SD3 / SD3.5 and FLUX.1"; starting points, not tuned."""
+    config.pretrained.model = model
+    config.mixed_precision = "bf16"
+    config.rewards.hps.version = "v2.1"
+    config.rewards.preprocess = "processor"
+    config.steps = steps
+    config.sd_guidance_scale = guidance
+    config.eta = 0.0  # flow matching: the deterministic Euler step
+    config.truncation_strategy = "fixed"  # K=1: one transformer call with gradient (memory at 8B-12B)
+    config.truncated_backprop_rand = False
+    config.truncated_backprop_minmax = (0, steps)
+    config.trunc_backprop_timestep = steps - 1
+    config.lora.rank, config.lora.alpha = 32, 64
+    config.lora.target_modules = FLOW_LORA_TARGETS
+    config.train.learning_rate = 3e-4
+    config.train.batch_size_per_gpu_available = 1
+    config.offload_text_encoders = True  # T5-XXL (4.7B) encoded once and moved off the accelerator
+    config.decode_checkpoint = True
+    config.vae_slicing = True
+    config.native_dtype = True
+    return config
+
+
+def hps_sd35():
+    """HPS v2.1 on SD3.5 Medium (1024 px, bf16, 40 steps, CFG 4.5, K=1, LoRA 32): a starting point, not tuned."""
+    return _flow(hps(), "stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5)
+
+
+def hps_flux():
+    """HPS v2.1 on FLUX.1-dev (1024 px, bf16, 25 steps, guidance 3.5 embedded, K=1, LoRA 32): not tuned."""
+    return _flow(hps(), "black-forest-labs/FLUX.1-dev", steps=25, guidance=3.5)
 
 
 def evaluate():

@@ -147,10 +147,15 @@ def test_lora_gradients_equal_the_naive_loop(model64, plan):
     keep_grad = PLANS[plan]
     ours = lora_grads(model64, keep_grad)
     naive = lora_grads(model64, keep_grad, naive=True)
-    assert len(naive) >= 2 * 11 * 2  # A and B of every adapted projection, context ones included
+    assert len(naive) >= 2 * 11  # A and B of every adapted projection (tiny SD3: 15, tiny FLUX: 11)
     assert any("add_q_proj" in name for name in naive) and any("to_add_out" in name for name in naive)
+    # Only SD3's last block's context query gets none: that block drops its context output (context_pre_only).
+    unused = {name for name, grad in naive.items() if not grad.any()}
+    assert unused <= {f"transformer_blocks.1.attn.add_q_proj.lora_{f}.default.weight" for f in "AB"}, unused
     for name, grad in naive.items():
-        assert grad.abs().max() > 0, f"{name}: no gradient, the comparison would prove nothing"
+        if name in unused:
+            assert not ours[name].any(), name
+            continue
         error = (ours[name] - grad).norm() / grad.norm()
         assert error <= 1e-5, f"{plan}: {name} relative error {error:.2e}"
 
@@ -253,7 +258,8 @@ def test_flux_schnell_ignores_the_guidance_scale_with_one_warning(caplog):
         high = our_images(model, latents, 7.5)
         our_images(model, latents, 7.5)
     assert [r.getMessage() for r in caplog.records] == [
-        "this FLUX model (schnell) has no guidance input: sd_guidance_scale=7.5 is ignored (set it to 1 to silence this)"
+        "this FLUX model (schnell) has no guidance input: sd_guidance_scale=7.5 is ignored "
+        "(set it to 1 to silence this)"
     ]
     assert torch.equal(high, our_images(model, latents, 1.0))
 
@@ -318,3 +324,25 @@ def test_train_resume_evaluate_and_soup_through_the_job_path(preset, tmp_path, n
     )
     assert (souped / "soup.csv").is_file() and [row["coefficient"] for row in rows] == [1, 0.5]
     assert rows[0]["reward_mean"] == result.summary()["reward_mean"]  # c = 1: the evaluated LoRA exactly
+
+
+# --- presets --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, model, steps, guidance",
+    [
+        ("hps_sd35", "stabilityai/stable-diffusion-3.5-medium", 40, 4.5),
+        ("hps_flux", "black-forest-labs/FLUX.1-dev", 25, 3.5),
+    ],
+)
+def test_flow_presets_validate(preset, monkeypatch, name, model, steps, guidance):
+    from alignprop import runtime
+
+    monkeypatch.setattr(runtime, "check_model_available", lambda *args: None)  # no hub cache on CI
+    config = preset(name)
+    runtime.validate(config, num_processes=1)
+    assert (config.pretrained.model, config.steps, config.sd_guidance_scale, config.eta) == (model, steps, guidance, 0)
+    assert (config.reward_fn, config.rewards.hps.version, config.mixed_precision) == ("hps", "v2.1", "bf16")
+    assert tuple(config.lora.target_modules) == TARGETS and (config.lora.rank, config.lora.alpha) == (32, 64)
+    assert config.truncation_strategy == "fixed" and config.trunc_backprop_timestep == steps - 1

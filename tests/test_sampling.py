@@ -4,11 +4,12 @@ import statistics
 
 import pytest
 import torch
+from gradient_checks import float64_model_with_lora, lora_grads, steps_receiving_gradient
 
 from alignprop import models
 from alignprop.errors import UserError
 from alignprop.families import family_of
-from alignprop.lora import FoldedLoRA, add_lora
+from alignprop.lora import FoldedLoRA
 from alignprop.reference import reference_sample
 from alignprop.sampling import SamplingOptions, decode, initial_latents, native_precision, sample
 from alignprop.truncation import Truncation, truncation_from_config
@@ -18,43 +19,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @pytest.fixture(scope="module")
-def pipeline64(tiny_dir):
-    """The tiny pipeline in float64 with a LoRA whose B factors are non-zero (so every factor gets grad)."""
-    pipeline = models.load_pipeline(str(tiny_dir))
-    add_lora(pipeline.unet, rank=4, alpha=4, target_modules=LORA_TARGETS)
-    pipeline.to(torch.float64)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in pipeline.unet.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.05)
-    return pipeline
-
-
-def lora_params(unet):
-    return {n: p for n, p in unet.named_parameters() if "lora_" in n}
-
-
-def run_sampler(sampler, model, conditioning, latents, keep_grad, guidance, **options):
-    """Our sampler (options as `SamplingOptions` fields) or the naive loop (its keyword arguments)."""
-    if sampler is reference_sample:
-        return reference_sample(model, conditioning, latents, keep_grad, guidance, **options)
-    return sampler(model, conditioning, latents, keep_grad, SamplingOptions(len(keep_grad), guidance, **options))
-
-
-def lora_grads(pipeline, sampler, keep_grad, guidance=5.0, **options):
-    """Gradients of a simple image loss w.r.t. every LoRA tensor, for one sampler and its options."""
-    model, unet = family_of(pipeline), pipeline.unet
-    for p in lora_params(unet).values():
-        p.grad = None
-    conditioning = model.encode(["cat", "a red dog"])
-    latents = initial_latents(2, model, torch.Generator().manual_seed(0)).double()
-    final = run_sampler(sampler, model, conditioning, latents, keep_grad, guidance, **options)
-    images = decode(model, final)
-    loss = (images - 0.3).square().mean()  # any smooth function of the pixels
-    if loss.requires_grad:
-        loss.backward()
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in lora_params(unet).items()}
+def model64():
+    """The tiny model in float64 with a LoRA whose B factors are non-zero (so every factor gets grad)."""
+    return float64_model_with_lora("tiny", LORA_TARGETS)
 
 
 PLANS = {
@@ -77,10 +44,10 @@ def nontrivial_plan(truncation, seed=0):
 
 
 @pytest.mark.parametrize("strategy", sorted(PLANS))
-def test_gradients_equal_naive_original_loop(pipeline64, strategy):
+def test_gradients_equal_naive_original_loop(model64, strategy):
     keep_grad = nontrivial_plan(PLANS[strategy])
-    ours = lora_grads(pipeline64, sample, keep_grad)
-    naive = lora_grads(pipeline64, reference_sample, keep_grad)
+    ours = lora_grads(model64, sample, keep_grad)
+    naive = lora_grads(model64, reference_sample, keep_grad)
     total = torch.cat([g.flatten() for g in naive.values()])
     assert total.abs().max() > 0, "the reference produced no gradient: the test would prove nothing"
     for name in naive:
@@ -88,58 +55,40 @@ def test_gradients_equal_naive_original_loop(pipeline64, strategy):
         assert error <= 1e-5, f"{strategy}: {name} relative error {error:.2e}"
 
 
-def test_guidance_one_skips_the_unconditional_half_with_the_same_gradients(pipeline64):
+def test_guidance_one_skips_the_unconditional_half_with_the_same_gradients(model64):
     """At guidance 1 our sampler makes one UNet call per step on the conditional half; the naive loop still
     makes both calls and forms uncond + 1 * (cond - uncond). Same gradients (float64)."""
     keep_grad = nontrivial_plan(PLANS["per_step_uniform"], seed=2)
     batches = []
-    handle = pipeline64.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    handle = model64.denoiser.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
     try:
-        ours = lora_grads(pipeline64, sample, keep_grad, guidance=1.0, grad_checkpoint=False)
+        ours = lora_grads(model64, sample, keep_grad, guidance=1.0, grad_checkpoint=False)
     finally:
         handle.remove()
     assert batches == [2] * STEPS  # the two prompts only, never [uncond; cond]
-    naive = lora_grads(pipeline64, reference_sample, keep_grad, guidance=1.0)
+    naive = lora_grads(model64, reference_sample, keep_grad, guidance=1.0)
     for name in naive:
         error = (ours[name] - naive[name]).norm() / naive[name].norm().clamp_min(1e-30)
         assert error <= 1e-5, f"{name} relative error {error:.2e}"
 
 
-def test_gradients_do_not_depend_on_checkpointing(pipeline64):
+def test_gradients_do_not_depend_on_checkpointing(model64):
     keep_grad = nontrivial_plan(PLANS["per_step_uniform"], seed=3)
-    with_checkpoint = lora_grads(pipeline64, sample, keep_grad, grad_checkpoint=True)
-    without = lora_grads(pipeline64, sample, keep_grad, grad_checkpoint=False)
+    with_checkpoint = lora_grads(model64, sample, keep_grad, grad_checkpoint=True)
+    without = lora_grads(model64, sample, keep_grad, grad_checkpoint=False)
     for name in with_checkpoint:
         torch.testing.assert_close(with_checkpoint[name], without[name], rtol=1e-9, atol=1e-12)
 
 
-def steps_receiving_unet_gradient(pipeline, keep_grad):
-    """Indices of steps whose UNet output received a non-zero gradient, observed with hooks."""
-    timestep_to_step = {}
-    received = set()
-
-    def on_forward(module, args, kwargs, output):
-        step = timestep_to_step.setdefault(int(args[1]), len(timestep_to_step))
-        if output.sample.requires_grad:
-            output.sample.register_hook(lambda grad: received.add(step) if grad.abs().sum() > 0 else None)
-
-    handle = pipeline.unet.register_forward_hook(on_forward, with_kwargs=True)
-    try:
-        lora_grads(pipeline, sample, keep_grad)
-    finally:
-        handle.remove()
-    return received
-
-
 @pytest.mark.parametrize("seed", [0, 1])
-def test_unet_gradient_reaches_exactly_the_planned_steps(pipeline64, seed):
+def test_unet_gradient_reaches_exactly_the_planned_steps(model64, seed):
     keep_grad = nontrivial_plan(PLANS["per_step_uniform"], seed=seed)
     planned = {i for i, keep in enumerate(keep_grad) if keep}
-    assert steps_receiving_unet_gradient(pipeline64, keep_grad) == planned
+    assert steps_receiving_gradient(model64, sample, keep_grad) == planned
 
 
-def test_no_kept_step_means_no_gradient_and_no_error(pipeline64):
-    grads = lora_grads(pipeline64, sample, (False,) * STEPS)
+def test_no_kept_step_means_no_gradient_and_no_error(model64):
+    grads = lora_grads(model64, sample, (False,) * STEPS)
     assert all(g.abs().max() == 0 for g in grads.values())
 
 
@@ -234,16 +183,16 @@ def test_auto_strategy_follows_the_original_flags(preset, flags, expected):
 
 
 @pytest.mark.parametrize("keep_grad", [(False,) * 5 + (True,), (False, True, False, False, True, False)])
-def test_folded_lora_gives_the_reference_gradients(pipeline64, keep_grad):
-    expected = lora_grads(pipeline64, reference_sample, keep_grad)
-    folded = lora_grads(pipeline64, sample, keep_grad, fold_lora=True)
+def test_folded_lora_gives_the_reference_gradients(model64, keep_grad):
+    expected = lora_grads(model64, reference_sample, keep_grad)
+    folded = lora_grads(model64, sample, keep_grad, fold_lora=True)
     for name, grad in expected.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(folded[name], grad, rtol=1e-9, atol=1e-12)
 
 
-def test_folded_lora_inference_matches_and_restores_the_weights(pipeline64):
-    model, unet = family_of(pipeline64), pipeline64.unet
+def test_folded_lora_inference_matches_and_restores_the_weights(model64):
+    model, unet = model64, model64.denoiser
     before = {n: (p, p.detach().clone()) for n, p in unet.named_parameters()}
     conditioning = model.encode(["cat"])
     latents = initial_latents(1, model, torch.Generator().manual_seed(0)).double()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from checkpoint_runs import read_metrics, run
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from gradient_checks import PROMPTS, float64_model_with_lora, lora_grads, relative_errors, steps_receiving_gradient
 from safetensors.torch import load_file
 
 from alignprop import checkpoint, models
@@ -19,65 +20,27 @@ from alignprop.lora import add_lora, save_lora
 from alignprop.lora_files import LORA_FILE_NAME, add_adapter, read_lora
 from alignprop.reference import reference_sample
 from alignprop.sampling import SamplingOptions, decode, initial_latents, sample
-from alignprop.truncation import Truncation
 
 STEPS = 6
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-PROMPTS = ["cat", "a red dog"]
 
 
 @pytest.fixture(scope="module", params=["tiny_sdxl", "tiny_sd2v"])
 def model64(request):
     """The family's tiny model in float64 with a LoRA whose B factors are non-zero (every factor gets grad)."""
-    model = models.load_model(request.param)
-    add_lora(model.denoiser, rank=4, alpha=4, target_modules=TARGETS)
-    model.pipeline.to(torch.float64)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.05)
-    return model
-
-
-def lora_grads(model, keep_grad, naive: bool, guidance=5.0):
-    params = {n: p for n, p in model.denoiser.named_parameters() if "lora_" in n}
-    for param in params.values():
-        param.grad = None
-    conditioning = model.encode(PROMPTS)
-    latents = initial_latents(2, model, torch.Generator().manual_seed(0)).double()
-    if naive:
-        final = reference_sample(model, conditioning, latents, keep_grad, guidance)
-    else:
-        final = sample(model, conditioning, latents, keep_grad, SamplingOptions(len(keep_grad), guidance))
-    (decode(model, final) - 0.3).square().mean().backward()
-    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+    return float64_model_with_lora(request.param, TARGETS)
 
 
 @pytest.mark.parametrize("keep_grad", [(False,) * (STEPS - 2) + (True,) * 2, (False, True, False, False, True, False)])
 def test_gradients_equal_the_naive_loop(model64, keep_grad):
-    ours, naive = lora_grads(model64, keep_grad, naive=False), lora_grads(model64, keep_grad, naive=True)
+    ours, naive = lora_grads(model64, sample, keep_grad), lora_grads(model64, reference_sample, keep_grad)
     assert max(g.abs().max() for g in naive.values()) > 0, "no gradient: the comparison would prove nothing"
-    for name in naive:
-        error = (ours[name] - naive[name]).norm() / naive[name].norm().clamp_min(1e-30)
+    for name, error in relative_errors(ours, naive).items():
         assert error <= 1e-5, f"{name} relative error {error:.2e}"
 
 
 def test_denoiser_gradient_reaches_exactly_the_planned_steps(model64):
-    keep_grad = (False, True, False, False, True, False)
-    received, timestep_to_step = set(), {}
-
-    def on_forward(module, args, kwargs, output):
-        step = timestep_to_step.setdefault(int(args[1]), len(timestep_to_step))
-        if output.sample.requires_grad:
-            output.sample.register_hook(lambda grad: received.add(step) if grad.abs().sum() > 0 else None)
-
-    handle = model64.denoiser.register_forward_hook(on_forward, with_kwargs=True)
-    try:
-        lora_grads(model64, keep_grad, naive=False)
-    finally:
-        handle.remove()
-    assert received == {1, 4}
+    assert steps_receiving_gradient(model64, sample, (False, True, False, False, True, False)) == {1, 4}
 
 
 @pytest.mark.parametrize("name", ["tiny_sdxl", "tiny_sd2v"])
