@@ -19,14 +19,16 @@ from alignprop.errors import UserError
 # Weight files a component may have, in the order the loaders look for them.
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-CONFIG_FILES = {
-    "scheduler": ("scheduler_config.json",),
-    "tokenizer": ("tokenizer_config.json", "vocab.json", "merges.txt"),
-    "tokenizer_2": ("tokenizer_config.json", "vocab.json", "merges.txt"),
-    "feature_extractor": ("preprocessor_config.json",),
+# A tokenizer is its config plus a fast tokenizer.json or the slow vocab.json (+ merges.txt).
+TOKENIZER_FILES = [("tokenizer_config.json",), ("tokenizer.json", "vocab.json")]
+CONFIG_FILES = {  # components without weights: each entry is one need, satisfied by any of its candidates
+    "scheduler": [("scheduler_config.json",)],
+    "tokenizer": TOKENIZER_FILES,
+    "tokenizer_2": TOKENIZER_FILES,
+    "tokenizer_3": TOKENIZER_FILES,
+    "feature_extractor": [("preprocessor_config.json",)],
 }
-CLIP_PROCESSOR_FILES = ("preprocessor_config.json",)
-CLIP_TOKENIZER_FILES = ("tokenizer_config.json", "vocab.json", "merges.txt")
+CLIP_PROCESSOR_FILES = [("preprocessor_config.json",)]
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def where(source: str) -> str:
 def component_files(component: str, library: str) -> list[tuple[str, ...]]:
     """The files a pipeline component loads: its config(s), then its weights (any one of the candidates)."""
     if component in CONFIG_FILES:
-        return [(f"{component}/{name}",) for name in CONFIG_FILES[component]]
+        return [tuple(f"{component}/{name}" for name in candidates) for candidates in CONFIG_FILES[component]]
     weights = DIFFUSERS_WEIGHTS if library == "diffusers" else TRANSFORMERS_WEIGHTS
     return [(f"{component}/config.json",), tuple(f"{component}/{name}" for name in weights)]
 
@@ -137,8 +139,8 @@ def weights_file(what: str, local_path: str, repo: str, filename: str) -> Need:
 def clip_needs(what: str, model: str, processor: str, tokenizer: bool) -> list[Need]:
     needs = [first_found(what, model, ("config.json",)), first_found(what, model, TRANSFORMERS_WEIGHTS)]
     source = processor or model
-    files = CLIP_PROCESSOR_FILES + (CLIP_TOKENIZER_FILES if tokenizer else ())
-    return needs + [first_found(what, source, (name,)) for name in files]
+    files = CLIP_PROCESSOR_FILES + (TOKENIZER_FILES if tokenizer else [])
+    return needs + [first_found(what, source, candidates) for candidates in files]
 
 
 def reward_needs(name: str, config) -> list[Need]:
@@ -197,6 +199,9 @@ def prompt_path(name: str) -> Path:
 def needs_of(config) -> list[Need]:
     """Everything the run described by `config` reads from disk or the hub."""
     needs = model_needs(config.pretrained.model, config.pretrained.revision)
+    vae = config.pretrained.get("vae", "")  # another AutoencoderKL replacing the pipeline's (e.g. an fp16-safe one)
+    if vae:
+        needs += [first_found("model: vae", vae, ("config.json",)), first_found("model: vae", vae, DIFFUSERS_WEIGHTS)]
     needs += reward_needs(config.reward_fn, config)
     return needs + prompt_needs(config)
 

@@ -19,6 +19,7 @@ from alignprop import models
 from alignprop.families import Family
 from alignprop.prompts import load_prompts
 from alignprop.rewards import Reward, build_reward
+from alignprop.sampling import sampling_options_from_config
 
 
 @dataclass
@@ -47,6 +48,7 @@ def build_session(config) -> Session:
     dtype = models.inference_dtype(config.mixed_precision)
     model = models.load_model(config.pretrained.model, config.pretrained.revision, dtype, vae=config.pretrained.vae)
     model.pipeline.to(accelerator.device)
+    model.check_options(sampling_options_from_config(config))
     if config.vae_tiling:
         model.vae.enable_tiling()
     if config.vae_slicing:

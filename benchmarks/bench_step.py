@@ -1,6 +1,6 @@
 """Step-time and memory benchmark: our AlignProp training step against the original algorithm.
 
-A *training step* is what `Trainer.forward` plus the optimizer update do for one micro-batch: encode the
+A *training step* is what `Trainer.train_update` does for one micro-batch: encode the
 prompts, draw latents, run T DDIM steps with gradient per the truncation plan, decode with the VAE, score
 with a reward, backpropagate, clip the gradient norm, AdamW step. Every variant runs it on the same
 modules, prompts, latents and truncation plans (one seeded plan per iteration, shared by all variants,
@@ -27,7 +27,7 @@ forward + backward, for judging that convention.
 
     efficiency = median step time / (fe x t_fwd)
 
-t_fwd: median time of one batched no-grad UNet forward (`guided_noise`, batch 2B, LoRA attached), measured
+t_fwd: median time of one batched no-grad UNet forward (`guided_prediction`, batch 2B, LoRA attached), measured
 in the same process with the variant's precision, memory format and LoRA folding. Peak memory: CUDA max allocated
 during the step (weights included); on the CPU the process's peak RSS during the step (VmHWM, reset
 before each step where Linux allows it).

@@ -264,6 +264,19 @@ def test_flux_schnell_ignores_the_guidance_scale_with_one_warning(caplog):
     assert torch.equal(high, our_images(model, latents, 1.0))
 
 
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_flux"])
+def test_offloaded_text_encoders_give_the_same_images(name):
+    model = models.load_model(name)
+    latents = initial_latents(2, model, torch.Generator().manual_seed(0))
+    options = SamplingOptions(STEPS, GUIDANCE[name])
+    expected = our_images(model, latents, GUIDANCE[name])
+    model.offload_text_encoders(PROMPTS[::-1])
+    with torch.no_grad():
+        conditioning = model.conditioning(PROMPTS, guided=model.guided(options))
+        got = (decode(model, sample(model, conditioning, latents, (False,) * STEPS, options)) + 1) / 2
+    assert (got - expected).abs().max() <= 1e-6
+
+
 # --- (d) train, checkpoint, exact resume, evaluate, soup: the job path --------------------------------------
 
 

@@ -74,3 +74,12 @@ def test_a_step_that_makes_the_weights_nonfinite_is_undone(preset, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))
     restored = next(iter(trainer.optimizer.state_dict()["state"].values()))
     assert all(torch.equal(restored[k], v) for k, v in moments.items())
+
+
+def test_an_option_the_family_cannot_honour_is_refused_before_the_run(preset, tmp_path):
+    config = tiny_config(preset, tmp_path / "logs", num_epochs=1, eta=0.5, reward_fn="compressibility")
+    config.pretrained.model = "tiny_sd3"
+    config.prompt_fn = config.eval_prompt_fn = "eval_simple_animals"
+    with pytest.raises(UserError, match="eta=0.5 is DDIM's noise level"):
+        run(config)
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())

@@ -88,6 +88,9 @@ class Family:
                 module.to("cpu")
         self.prompt_cache = cache
 
+    def check_options(self, options) -> None:
+        """Refuse sampling options the family cannot honour (one line, before the run directory exists)."""
+
     def guided(self, options) -> bool:
         """Whether sampling runs classifier-free guidance (one batched call over [uncond; cond]). At guidance 1,
         uncond + 1 * (cond - uncond) = cond: the unconditional half is skipped (as diffusers does)."""
@@ -99,6 +102,38 @@ class Family:
 
     def step(self, output, timestep, latents, eta: float = 0.0, generator: torch.Generator | None = None):
         return self.scheduler.step(output, timestep, latents, eta=eta, generator=generator).prev_sample
+
+    # --- gradient paths (alignprop.gradient_paths): the noise schedule in closed form ----------------------
+
+    def denoised(self, output, timestep, latents):
+        """The clean latents that the denoiser's `output` at `timestep` predicts (DDIM's pred_original_sample)."""
+        return self.scheduler.step(output, timestep, latents, eta=0.0).pred_original_sample
+
+    def _alpha_bar(self, timestep) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod[int(timestep)]
+
+    def _alpha_bar_after_step(self, timestep) -> torch.Tensor:
+        """alpha_bar of the level that DDIM's step from `timestep` lands on (as `DDIMScheduler.step` computes it)."""
+        scheduler = self.scheduler
+        previous = int(timestep) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        return scheduler.alphas_cumprod[previous] if previous >= 0 else scheduler.final_alpha_cumprod
+
+    def noise_level(self, timestep) -> float:
+        """The noise level of `timestep` in (0, 1) on the flow-matching scale: sigma with the same signal-to-noise
+        ratio, sqrt(1 - a) / (sqrt(a) + sqrt(1 - a)) for alpha_bar a (a flow family's sigma itself)."""
+        alpha_bar = float(self._alpha_bar(timestep))
+        return (1 - alpha_bar) ** 0.5 / (alpha_bar**0.5 + (1 - alpha_bar) ** 0.5)
+
+    def add_noise(self, clean, noise, timestep):
+        """The forward process at `timestep`: sqrt(a) x0 + sqrt(1 - a) noise."""
+        alpha_bar = self._alpha_bar(timestep).to(clean.dtype)
+        return alpha_bar**0.5 * clean + (1 - alpha_bar) ** 0.5 * noise
+
+    def clean_after_step(self, latents, noise, timestep):
+        """The clean latents that `latents`, at the level the step from `timestep` lands on, hold with the known
+        `noise`: (x - sqrt(1 - a') noise) / sqrt(a'), the forward process solved for x0 (Direct-Align)."""
+        alpha_bar = self._alpha_bar_after_step(timestep).to(latents.dtype)
+        return (latents - (1 - alpha_bar) ** 0.5 * noise) / alpha_bar**0.5
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         """The shape of the Gaussian noise that starts sampling (as the stock pipeline draws it)."""
