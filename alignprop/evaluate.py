@@ -87,11 +87,13 @@ def generate_and_score(
     seed: int,
     indices: list[int] | None = None,
     progress: Callable[[int], object] | None = None,
+    extra_rewards: dict[str, Reward] | None = None,
 ) -> EvalResult:
     """Sample prompts on seeded latents (same sampler as training, no gradient) and score them.
 
     Prompt i always gets latent i of the seeded draw, so a subset (`indices`, e.g. one process's share)
     produces exactly the images the full set would. `progress(n)` is called after every batch of n images.
+    `extra_rewards` (name -> reward, `eval_reward_fns`): held-out rewards, each as the metric `heldout_<name>`.
     """
     latents = seeded_latents(len(prompts), model, seed)
     indices = list(range(len(prompts))) if indices is None else list(indices)
@@ -105,6 +107,8 @@ def generate_and_score(
         rewards.append(result.reward.float().cpu())
         for name, values in result.metrics.items():
             metrics.setdefault(name, []).append(values.float().cpu())
+        for name, extra in (extra_rewards or {}).items():
+            metrics.setdefault(f"heldout_{name}", []).append(extra.score(batch_images, chunk).reward.float().cpu())
         if progress is not None:
             progress(len(chunk))
     return EvalResult(
@@ -135,10 +139,20 @@ class Evaluator:
     """Evaluates whatever LoRA the model's denoiser holds; each process does a share, all get the result.
     The main process shows a progress bar (images of its share) labelled `label`."""
 
-    def __init__(self, accelerator, model: Family, reward: Reward, prompts: list[str], options, batch_size: int):
+    def __init__(
+        self,
+        accelerator,
+        model: Family,
+        reward: Reward,
+        prompts: list[str],
+        options,
+        batch_size: int,
+        extra_rewards: dict[str, Reward] | None = None,  # held-out rewards (eval_reward_fns)
+    ):
         self.accelerator, self.model, self.reward = accelerator, model, reward
         self.prompts, self.options, self.batch_size = prompts, options, batch_size
         self.label = "evaluate"
+        self.extra_rewards = extra_rewards or {}
 
     def __call__(self, seed: int) -> EvalResult:
         rank, count = self.accelerator.process_index, self.accelerator.num_processes
@@ -148,7 +162,15 @@ class Evaluator:
             quiet = not self.accelerator.is_main_process
             with tqdm(total=len(indices), desc=self.label, unit="image", leave=False, disable=quiet) as bar:
                 mine = generate_and_score(
-                    self.model, self.reward, self.prompts, self.options, self.batch_size, seed, indices, bar.update
+                    self.model,
+                    self.reward,
+                    self.prompts,
+                    self.options,
+                    self.batch_size,
+                    seed,
+                    indices,
+                    bar.update,
+                    self.extra_rewards,
                 )
         return EvalResult.merge(gather_object([(indices, mine)]))
 
@@ -157,7 +179,9 @@ def evaluator_for(session: Session, config, batch_size: int) -> Evaluator:
     """The evaluation of `config` (its eval prompts and sampling options) on a session's model and reward."""
     options = sampling_options_from_config(config)
     prompts = evaluation_prompts(config)
-    return Evaluator(session.accelerator, session.model, session.reward, prompts, options, batch_size)
+    return Evaluator(
+        session.accelerator, session.model, session.reward, prompts, options, batch_size, session.eval_rewards
+    )
 
 
 # --- the evaluate preset ----------------------------------------------------------------------------

@@ -30,16 +30,19 @@ def reference_sample(
     for keep, timestep in zip(keep_grad, timesteps):
         model_input = latents.to(model.denoiser.dtype)
         predictions = []
-        for which in ("uncond", "cond"):
+        for which in ("uncond", "cond") if conditioning.uncond is not None else ("cond",):
             kwargs = conditioning.kwargs(which)
             if grad_checkpoint:
                 out = checkpoint(model.predict, model_input, timestep, kwargs, use_reentrant=False)
             else:
                 out = model.predict(model_input, timestep, kwargs)
             predictions.append(out.to(latents.dtype))
-        uncond, cond = predictions
         if not keep:
-            uncond, cond = uncond.detach(), cond.detach()
-        noise = uncond + guidance_scale * (cond - uncond)
+            predictions = [prediction.detach() for prediction in predictions]
+        if len(predictions) == 1:  # a family without an unconditional branch (FLUX)
+            noise = predictions[0]
+        else:
+            uncond, cond = predictions
+            noise = uncond + guidance_scale * (cond - uncond)
         latents = model.step(noise, timestep, latents, eta=eta, generator=generator)
     return latents

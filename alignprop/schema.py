@@ -291,6 +291,16 @@ def _one_path_component(name: str) -> None:
         raise UserError(f"wandb.project must be a plain name (it names a directory), got {excerpt(name)}")
 
 
+def _check_eval_reward_names(names: str) -> None:
+    from alignprop.rewards import REGISTRY
+
+    for name in (part.strip() for part in names.split(",") if names.strip()):
+        if name not in REGISTRY:
+            raise UserError(
+                f"eval_reward_fns: unknown reward {excerpt(name)}; choose from: {', '.join(sorted(REGISTRY))}"
+            )
+
+
 def _check_reward_name(name: str) -> None:
     from alignprop.rewards import check_reward_name
 
@@ -341,6 +351,11 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "reward_fn": Text(empty=False, validate=_check_reward_name),
     "aesthetic_target": Number(),
     "grad_scale": POSITIVE,
+    "reward_loss": Text(choices=lambda: ("reward", "threshold")),
+    "reward_threshold": Number(),
+    "eval_reward_fns": Text(
+        validate=_check_eval_reward_names, limit=MAX_TEXT, note="comma list of reward names, empty: none"
+    ),
     # sampling
     "steps": Int(1, 1000, note="DDIM steps, at most the 1000 training timesteps"),
     "sd_guidance_scale": Number(0, 100, note="1: no guidance"),
@@ -357,6 +372,14 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "decode_checkpoint": Flag(),
     "native_dtype": Flag(),
     "fold_lora": Flag(),
+    # gradient paths (names and ranges against steps: gradient_paths.check)
+    "gradient_path": Text(empty=False, limit=MAX_NAME, note="truncation, refl, draft_lv, drtune or direct_align"),
+    "gradient_paths.refl_last_steps": Pair(Int(1, 1000), ordered=True),
+    "gradient_paths.draft_lv_renoise": Int(1, 64),
+    "gradient_paths.drtune_train_steps": Int(1, 1000),
+    "gradient_paths.direct_align_noise": Pair(Number(0, 1, low_open=True, high_open=True), ordered=True),
+    "gradient_paths.direct_align_discount": Pair(Number(0, None)),
+    "gradient_paths.direct_align_noise_source": Text(choices=lambda: ("initial", "fresh")),
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),
     "vae_tiling": Flag(),

@@ -28,6 +28,7 @@ class Session:
     dtype: torch.dtype  # the frozen networks' inference dtype
     model: Family
     reward: Reward
+    eval_rewards: dict[str, Reward]  # held-out rewards scored on every evaluation (eval_reward_fns)
 
 
 def make_accelerator(config) -> Accelerator:
@@ -56,7 +57,18 @@ def build_session(config) -> Session:
     if config.offload_text_encoders:  # every prompt the run can meet, encoded once
         model.offload_text_encoders(load_prompts(config.prompt_fn) + load_prompts(config.eval_prompt_fn))
     reward = build_reward(config, accelerator.device, dtype)
-    return Session(accelerator, dtype, model, reward)
+    return Session(accelerator, dtype, model, reward, build_eval_rewards(config, accelerator.device, dtype))
+
+
+def build_eval_rewards(config, device: torch.device, dtype: torch.dtype) -> dict[str, Reward]:
+    """The rewards of `eval_reward_fns` (a comma list), each built as it would be as reward_fn."""
+    names = [name.strip() for name in config.eval_reward_fns.split(",") if name.strip()]
+    built = {}
+    for name in dict.fromkeys(names):
+        single = config.copy_and_resolve_references()
+        single.reward_fn = name
+        built[name] = build_reward(single, device, dtype)
+    return built
 
 
 def tracker_config(config) -> dict:

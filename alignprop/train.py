@@ -177,12 +177,19 @@ class Trainer:
         return MicroBatch(prompts, latents, self.truncation.draw(self.random.plans))
 
     def sample_and_score(self, batch: MicroBatch) -> Scored:
+        from alignprop import gradient_paths  # the other gradient paths (ReFL, DRaFT-LV, DRTune, Direct-Align)
+        from alignprop.rewards.shaping import shaper_from_config
+
+        shape_loss = shaper_from_config(self.config)
+        if self.config.get("gradient_path", "truncation") != "truncation":
+            loss, result, trained, images = gradient_paths.sample_and_score(self, batch, shape_loss)
+            return Scored(loss, result, trained, tuple(batch.prompts), images.detach())
         with self.accelerator.autocast():
             conditioning = self.model.conditioning(batch.prompts, guided=self.model.guided(self.options))
             final = sample(self.model, conditioning, batch.latents, batch.keep_grad, self.options, self.random.latents)
             images = decode(self.model, final, self.options)
             result = self.reward.score(images, batch.prompts)
-        loss = result.loss.float().mean() * self.config.train.loss_coeff
+        loss = shape_loss(result).float().mean() * self.config.train.loss_coeff
         return Scored(loss, result, batch.keep_grad, tuple(batch.prompts), images.detach())
 
     def synchronize_gradients(self) -> None:

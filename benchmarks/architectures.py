@@ -20,7 +20,7 @@ from alignprop import models, tiny
 from alignprop.families import family_of
 from alignprop.toyworld.components import sampling_scheduler
 
-ARCHITECTURES = ("tiny", "tiny_sdxl", "sd15", "sdxl")
+ARCHITECTURES = ("tiny", "tiny_sdxl", "tiny_sd3", "tiny_flux", "sd15", "sdxl", "sd35", "flux")
 
 SD15_UNET = {
     "sample_size": 64,
@@ -128,6 +128,106 @@ def build_sdxl(device: torch.device, dtype: torch.dtype) -> StableDiffusionXLPip
     )
 
 
+# stable-diffusion-3.5-medium and FLUX.1-dev: transformer/, vae/, text_encoder*/ config.json (T5-XXL v1.1 encoder).
+SD35_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+FLUX_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLOW_VAE = {
+    **SD15_VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+T5_XXL = {
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "feed_forward_proj": "gated-gelu",
+}
+
+
+def build_flow(arch: str, device: torch.device, dtype: torch.dtype):
+    """SD3.5 Medium's or FLUX.1-dev's architecture, random weights (seeded), on `device` in `dtype`."""
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    from alignprop.tiny_families import t5_tokenizer
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer = tiny.build_tokenizer(Path(directory))
+    t5_tokens, special = t5_tokenizer(), special_tokens(tokenizer)
+    t5 = T5Config(vocab_size=32128, tie_word_embeddings=False, is_encoder_decoder=False, **T5_XXL)
+    with torch.device(device):
+        clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**SD15_TEXT_ENCODER, **special))
+        text_encoder_3 = T5EncoderModel(t5)
+        if arch == "sd35":
+            denoiser = SD3Transformer2DModel(**SD35_TRANSFORMER)
+            clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2, **special))
+            vae = AutoencoderKL(**FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609)
+        else:
+            denoiser = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+            vae = AutoencoderKL(**FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159)
+    cast = lambda module: module.to(dtype)  # noqa: E731
+    if arch == "sd35":
+        return StableDiffusion3Pipeline(
+            transformer=cast(denoiser),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            vae=cast(vae),
+            text_encoder=cast(clip_l),
+            tokenizer=tokenizer,
+            text_encoder_2=cast(clip_g),
+            tokenizer_2=tokenizer,
+            text_encoder_3=cast(text_encoder_3),
+            tokenizer_3=t5_tokens,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, max_image_seq_len=4096
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=cast(vae),
+        text_encoder=cast(CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER, **special)).to(device)),
+        tokenizer=tokenizer,
+        text_encoder_2=cast(text_encoder_3),
+        tokenizer_2=t5_tokens,
+        transformer=cast(denoiser),
+    )
+
+
 def build_sd15(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """SD1.5's architecture, random weights (seeded), built directly on `device` and cast to `dtype`."""
     torch.manual_seed(0)
@@ -152,11 +252,12 @@ def build_sd15(device: torch.device, dtype: torch.dtype) -> StableDiffusionPipel
 
 def build_pipeline(arch: str, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
     """A frozen, prepared pipeline of architecture `arch` on `device` (weights in `dtype`)."""
-    if arch in ("tiny", "tiny_sdxl"):
+    if arch.startswith("tiny"):
         # Through the real loader, like a downloaded checkpoint.
         return models.load_pipeline(arch, dtype=dtype).to(device)
-    if arch in ("sd15", "sdxl"):
-        pipeline = (build_sd15 if arch == "sd15" else build_sdxl)(device, dtype)
+    if arch in ("sd15", "sdxl", "sd35", "flux"):
+        builders = {"sd15": build_sd15, "sdxl": build_sdxl}
+        pipeline = builders[arch](device, dtype) if arch in builders else build_flow(arch, device, dtype)
         family_of(pipeline).prepare()
         return pipeline
     raise ValueError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")

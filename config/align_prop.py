@@ -120,6 +120,12 @@ def general():
     config.reward_fn = "aesthetic"
     config.aesthetic_target = 10.0
     config.grad_scale = 1.0
+    # Loss shape (alignprop/rewards/shaping.py): "reward" = each reward's own loss (its linear / target form);
+    # "threshold" = ReFL's / SRPO's hinge relu(reward_threshold - reward).
+    config.reward_loss = "reward"
+    config.reward_threshold = 2.0  # ImageReward's ReFL: relu(2 - r); SRPO: 0.7
+    # Held-out rewards scored on every evaluation's images beside reward_fn, e.g. "hps,pickscore" (empty: none).
+    config.eval_reward_fns = ""
     config.rewards = reward_options()  # per-reward settings (weights sources, versions, combinations)
 
     # --- sampling ---
@@ -146,6 +152,16 @@ def general():
     # Experimental: fold the LoRA into the base weights for denoiser calls without gradient (fewer operator
     # launches). Gradients unchanged; see benchmarks/README.md.
     config.fold_lora = False
+    # --- gradient paths (alignprop/gradient_paths.py; README "Gradient paths") ---
+    # "truncation" (AlignProp's, the settings above) | "refl" | "draft_lv" | "drtune" | "direct_align".
+    config.gradient_path = "truncation"
+    config.gradient_paths = paths = ml_collections.ConfigDict()
+    paths.refl_last_steps = (1, 10)  # ReFL: train the k-th step from the end, k ~ U{min..max} (ImageReward: 1..10)
+    paths.draft_lv_renoise = 2  # DRaFT-LV: n re-noisings of the final sample (the paper's n = 2)
+    paths.drtune_train_steps = 5  # DRTune: K evenly spaced trained steps (interval steps // K, random offset)
+    paths.direct_align_noise = (0.75, 0.96)  # Direct-Align: noise level ~ U(min, max), flow-matching scale (SRPO's)
+    paths.direct_align_discount = (0.1, 0.25)  # loss weight at the range's low / high noise end (SRPO's discount_pos)
+    paths.direct_align_noise_source = "initial"  # "initial": the sample's starting noise (SRPO); "fresh": a new draw
     # The original's training noise: every evaluation reseeded the generator the training latents come from with
     # `seed`, so with vis_freq=1 every update after the first drew the same latents, on every process. Off: fresh
     # latents from per-process streams (README: differences from the original code).

@@ -42,16 +42,18 @@ def test_two_process_tiny_run_writes_one_set_of_outputs_and_ranks_agree(tmp_path
     assert (run_dir / "checkpoints").is_dir()
 
 
-def test_two_process_sdxl_run_keeps_the_ranks_in_step(tmp_path):
-    """The SDXL family (two text encoders, time ids) under the same data-parallel path."""
+@pytest.mark.parametrize("model", ["tiny_sdxl", "tiny_flux"])
+def test_two_process_run_of_another_family_keeps_the_ranks_in_step(tmp_path, model):
+    """SDXL (two text encoders, time ids) and FLUX (flow matching, packed latents) under the same data-parallel
+    path."""
     torchrun(
         2,
         "main.py",
         "--config",
         "config/align_prop.py:tiny",
         f"--config.logdir={tmp_path}",
-        "--config.run_name=sdxl",
-        "--config.pretrained.model=tiny_sdxl",
+        "--config.run_name=family",
+        f"--config.pretrained.model={model}",
         "--config.reward_fn=compressibility",
         "--config.prompt_fn=simple_animals",
         "--config.eval_prompt_fn=eval_simple_animals",
@@ -59,7 +61,7 @@ def test_two_process_sdxl_run_keeps_the_ranks_in_step(tmp_path):
         "--config.truncated_backprop_minmax=(0,4)",
         "--config.num_epochs=1",
     )
-    records = [json.loads(line) for line in (tmp_path / "sdxl" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "family" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "grad_norm" in r] == [1, 2]
     digests = records[-1]["lora_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1]

@@ -88,6 +88,25 @@ class FlowMatching(Family):
         sigmas = self.scheduler.sigmas
         return latents + (sigmas[index + 1] - sigmas[index]) * output
 
+    # --- gradient paths (alignprop.gradient_paths): x_sigma = sigma * noise + (1 - sigma) * x0, v = noise - x0 ---
+
+    def _sigma(self, timestep, after_step: bool = False) -> torch.Tensor:
+        return self.scheduler.sigmas[self.scheduler.index_for_timestep(timestep) + int(after_step)]
+
+    def denoised(self, output, timestep, latents):
+        return latents - self._sigma(timestep).to(latents.dtype) * output
+
+    def noise_level(self, timestep) -> float:
+        return float(self._sigma(timestep))
+
+    def add_noise(self, clean, noise, timestep):
+        sigma = self._sigma(timestep).to(clean.dtype)
+        return sigma * noise + (1 - sigma) * clean
+
+    def clean_after_step(self, latents, noise, timestep):
+        sigma = self._sigma(timestep, after_step=True).to(latents.dtype)
+        return (latents - sigma * noise) / (1 - sigma)
+
 
 class StableDiffusion3(FlowMatching):
     """SD3 / SD3.5: MMDiT transformer on 16-channel latents; CLIP-L + OpenCLIP-G + T5 prompts; CFG."""
