@@ -276,7 +276,7 @@ def run_config(config, preset: str = "") -> None:
 
     from alignprop import jobs
 
-    if config.get("dry_run"):
+    if config.dry_run:
         from alignprop.dry_run import dry_run
 
         dry_run(config, preset)
@@ -285,7 +285,7 @@ def run_config(config, preset: str = "") -> None:
     if PartialState().is_main_process:
         report(job.kind, result)
         print(f"wrote {WRITTEN[job.kind]} in {run_dir}")
-        if job.kind == "train" and config.get("push_to_hub"):
+        if job.kind == "train" and config.push_to_hub:
             from alignprop import hub
 
             before, after = (evaluation.summary() for evaluation in result)

@@ -199,7 +199,7 @@ def prompt_path(name: str) -> Path:
 def needs_of(config) -> list[Need]:
     """Everything the run described by `config` reads from disk or the hub."""
     needs = model_needs(config.pretrained.model, config.pretrained.revision)
-    vae = config.pretrained.get("vae", "")  # another AutoencoderKL replacing the pipeline's (e.g. an fp16-safe one)
+    vae = config.pretrained.vae  # another AutoencoderKL replacing the pipeline's (e.g. an fp16-safe one)
     if vae:
         needs += [first_found("model: vae", vae, ("config.json",)), first_found("model: vae", vae, DIFFUSERS_WEIGHTS)]
     needs += reward_needs(config.reward_fn, config)

@@ -122,7 +122,7 @@ def generate_and_score(
 def evaluation_prompts(config) -> list[str]:
     """The evaluation set of `config.eval_prompts` (module docstring); each entry gets its own latent."""
     prompts = load_prompts(config.eval_prompt_fn)
-    if config.get("eval_prompts", "all") == "original":
+    if config.eval_prompts == "original":
         count = config.train.batch_size_per_gpu_available * config.max_vis_images
         draw = random.Random(config.seed)
         return [draw.choice(prompts) for _ in range(count)]
@@ -132,7 +132,7 @@ def evaluation_prompts(config) -> list[str]:
 def saved_image_count(config) -> int | None:
     """Images kept of an evaluation during training: the first `max_vis_images`, or all of the original's set
     (which has batch_size_per_gpu_available x max_vis_images images; the original saved every one)."""
-    return None if config.get("eval_prompts", "all") == "original" else config.max_vis_images
+    return None if config.eval_prompts == "original" else config.max_vis_images
 
 
 class Evaluator:

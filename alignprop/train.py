@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from alignprop import checkpoint
+from alignprop import checkpoint, gradient_paths
 from alignprop.batching import BatchPlan
 from alignprop.errors import Interrupted, UserError
 from alignprop.evaluate import (
@@ -42,6 +42,7 @@ from alignprop.pause import pause_point
 from alignprop.prompts import load_prompts
 from alignprop.randomness import RandomStreams, global_state, preserved_global_state, set_global_state
 from alignprop.rewards import RewardResult
+from alignprop.rewards.shaping import shaper_from_config
 from alignprop.rundir import MetricsLog
 from alignprop.sampling import decode, initial_latents, sample, sampling_options_from_config
 from alignprop.session import Session, build_session, start_trackers
@@ -129,6 +130,7 @@ class Trainer:
         self.lr_scheduler = make_lr_scheduler(config.train, self.optimizer, total_updates)
         self.options = sampling_options_from_config(config)
         self.truncation = truncation_from_config(config)
+        self.shape_loss = shaper_from_config(config)  # the reward's loss, or ReFL/SRPO's threshold form
         self.prompts = load_prompts(config.prompt_fn)
         self.evaluator = evaluator_for(session, config, batches.batch_size)
         self.random = RandomStreams.seeded(config.seed, self.accelerator.process_index)
@@ -177,19 +179,15 @@ class Trainer:
         return MicroBatch(prompts, latents, self.truncation.draw(self.random.plans))
 
     def sample_and_score(self, batch: MicroBatch) -> Scored:
-        from alignprop import gradient_paths  # the other gradient paths (ReFL, DRaFT-LV, DRTune, Direct-Align)
-        from alignprop.rewards.shaping import shaper_from_config
-
-        shape_loss = shaper_from_config(self.config)
-        if self.config.get("gradient_path", "truncation") != "truncation":
-            loss, result, trained, images = gradient_paths.sample_and_score(self, batch, shape_loss)
+        if self.config.gradient_path != "truncation":  # ReFL, DRaFT-LV, DRTune, Direct-Align
+            loss, result, trained, images = gradient_paths.sample_and_score(self, batch, self.shape_loss)
             return Scored(loss, result, trained, tuple(batch.prompts), images.detach())
         with self.accelerator.autocast():
             conditioning = self.model.conditioning(batch.prompts, guided=self.model.guided(self.options))
             final = sample(self.model, conditioning, batch.latents, batch.keep_grad, self.options, self.random.latents)
             images = decode(self.model, final, self.options)
             result = self.reward.score(images, batch.prompts)
-        loss = shape_loss(result).float().mean() * self.config.train.loss_coeff
+        loss = self.shape_loss(result).float().mean() * self.config.train.loss_coeff
         return Scored(loss, result, batch.keep_grad, tuple(batch.prompts), images.detach())
 
     def synchronize_gradients(self) -> None:
