@@ -17,7 +17,7 @@ from alignprop import checkpoint, evaluate, runtime, soup, train
 from alignprop.batching import BatchPlan
 from alignprop.checkpoint import BASE_MODEL
 from alignprop.errors import UserError
-from alignprop.lora_files import check_matches_config, read_lora
+from alignprop.lora_files import check_matches_config, is_original_checkpoint, read_lora
 from alignprop.rundir import DISK_FULL, cannot_write, create_run_dir, os_error_behind, write_config
 from alignprop.session import Session, build_session
 
@@ -44,7 +44,9 @@ def evaluation_lora(config) -> Path | None:
 
 
 def prepare_training(config, batches: BatchPlan) -> Job:
-    if config.resume_from:
+    if config.resume_from and is_original_checkpoint(Path(config.resume_from)):
+        check_matches_config(read_lora(Path(config.resume_from)), config.lora)  # its LoRA only: no usable state
+    elif config.resume_from:
         saved = checkpoint.resolve(config.resume_from)
         checkpoint.check_resumable(saved, config.num_epochs, batches.num_processes, batches.updates_per_epoch)
         check_matches_config(read_lora(saved.lora_path), config.lora)

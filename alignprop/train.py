@@ -36,7 +36,7 @@ from alignprop.evaluate import (
 )
 from alignprop.interrupts import InterruptFlag
 from alignprop.lora import add_lora, save_lora
-from alignprop.lora_files import check_matches_config, copy_into_adapter, read_lora
+from alignprop.lora_files import check_matches_config, copy_into_adapter, is_original_checkpoint, read_lora
 from alignprop.nonfinite import NonFiniteGuard, all_finite, optimizer_tensors
 from alignprop.pause import pause_point
 from alignprop.prompts import load_prompts
@@ -140,7 +140,9 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.update = 0  # completed optimizer updates (a skipped non-finite update counts: its samples were drawn)
         self.saved_update = None  # the update of the last checkpoint this run wrote
-        if config.resume_from:
+        if config.resume_from and is_original_checkpoint(Path(config.resume_from)):
+            self.start_from_original(Path(config.resume_from))
+        elif config.resume_from:
             self.restore(checkpoint.resolve(config.resume_from))
         start_trackers(session, config, run_dir)
 
@@ -371,6 +373,17 @@ class Trainer:
             checkpoint.rotate(root, self.config.num_checkpoint_limit)
         self.saved_update = self.update
         accelerator.wait_for_everyone()
+
+    def start_from_original(self, directory: Path) -> None:
+        """An original AlignProp checkpoint: its LoRA, and a new optimizer (its accelerate state is not read)."""
+        copy_into_adapter(self.denoiser, read_lora(directory))
+        if self.accelerator.is_main_process:
+            print(
+                f"resume_from: {directory} is an original AlignProp checkpoint; training starts from its LoRA with "
+                "a new optimizer at epoch 0 (its optimizer and random states are not read)",
+                flush=True,
+            )
+        self.log({"update": 0, "initialized_from_original": str(directory)})
 
     def restore(self, saved: checkpoint.Checkpoint) -> None:
         """Continue exactly where `saved` stopped: weights, optimizer, scaler, RNG streams and counters."""

@@ -177,3 +177,26 @@ def test_files_needing_code_or_of_another_layout_are_refused(tmp_path):
     torch.save({"a.to_q.weight": torch.zeros(2, 2)}, directory / ORIGINAL_LORA_FILE_NAME)
     with pytest.raises(UserError, match=r"is not an attention-processor LoRA"):
         read_lora(directory)
+
+
+def test_training_from_an_original_checkpoint_starts_from_its_lora_with_a_new_optimizer(
+    original_dir, preset, tmp_path, capsys
+):
+    from checkpoint_runs import read_metrics, run
+    from safetensors.torch import load_file
+
+    config = preset("tiny")
+    config.pretrained.model, config.reward_fn = "tiny", "compressibility"  # the model `adapted` was made from
+    config.prompt_fn = config.eval_prompt_fn = "eval_simple_animals"
+    config.logdir, config.num_epochs, config.save_freq, config.vis_freq = str(tmp_path), 1, 0, 0
+    config.train.learning_rate = 1e-9  # the LoRA barely moves: what training started from stays visible
+    config.resume_from = str(original_dir)
+    run_dir, _ = run(config)
+    assert "is an original AlignProp checkpoint" in capsys.readouterr().out
+    records = read_metrics(run_dir)
+    assert records[0] == {"update": 0, "initialized_from_original": str(original_dir)}
+    assert [r["update"] for r in records if "grad_norm" in r] == [1, 2]  # epoch 0 onwards, a fresh optimizer
+    trained = load_file(run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    started = read_lora(original_dir).tensors
+    assert trained.keys() == started.keys()
+    assert all(torch.allclose(trained[k], started[k], atol=1e-6) for k in started)

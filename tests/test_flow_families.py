@@ -17,22 +17,13 @@ from alignprop.errors import UserError
 from alignprop.families import Flux, StableDiffusion3
 from alignprop.lora import add_lora, save_lora
 from alignprop.lora_files import LORA_FILE_NAME, add_adapter, read_lora
+from alignprop.presets import load_preset
 from alignprop.reference import reference_sample
 from alignprop.sampling import SamplingOptions, decode, initial_latents, sample
 from alignprop.tiny_families import IMAGE_SIZE, TINY_FAMILIES
 
-# The attention projections diffusers' train_dreambooth_lora_sd3.py and train_dreambooth_lora_flux.py adapt by
-# default (the FLUX script adds the feed-forward layers): the image stream's and the joint-attention context's.
-TARGETS = (
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "attn.to_k",
-    "attn.to_out.0",
-    "attn.to_q",
-    "attn.to_v",
-)
+# The flow presets' targets: the attention projections of the image stream and the joint-attention context.
+TARGETS = tuple(load_preset("hps_flux").lora.target_modules)
 STOCK = {
     "tiny_sd3": StableDiffusion3Pipeline,
     "tiny_sd35": StableDiffusion3Pipeline,

@@ -13,6 +13,7 @@ from small_runs import small_config
 
 from alignprop import gradient_paths as paths
 from alignprop.errors import UserError
+from alignprop.lora_files import LORA_FILE_NAME as LORA_FILE
 from alignprop.rewards import RewardResult
 from alignprop.rewards.shaping import shaped_loss
 from alignprop.sampling import SamplingOptions, decode, initial_latents
@@ -331,3 +332,24 @@ def test_flow_matching_gradients_equal_the_naive_definition(sd3_64, path):
     assert max(g.abs().max() for g in naive.values()) > 0
     errors = relative_errors(ours_grads, naive)
     assert max(errors.values()) <= 1e-5, f"{path}: worst relative error {max(errors.values()):.2e}"
+
+
+@pytest.mark.parametrize("path", ["refl", "draft_lv", "drtune", "direct_align"])
+def test_each_path_resumes_bit_for_bit(preset, tmp_path, path):
+    """Every draw of a path comes from the trainer's saved streams: 1 epoch + resume == 2 epochs straight."""
+    from safetensors.torch import load_file
+
+    from alignprop.jobs import run_job
+
+    knobs = {"gradient_paths.refl_last_steps": (1, 2), "gradient_paths.drtune_train_steps": 2}
+
+    def config(name, epochs, **overrides):
+        return small_config(
+            preset, tmp_path, gradient_path=path, run_name=name, num_epochs=epochs, save_freq=1, **knobs, **overrides
+        )
+
+    _, straight, _ = run_job(config("straight", 2))
+    _, first, _ = run_job(config("first", 1))
+    _, second, _ = run_job(config("second", 2, resume_from=str(first)))
+    expected, got = load_file(straight / "lora" / LORA_FILE), load_file(second / "lora" / LORA_FILE)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
