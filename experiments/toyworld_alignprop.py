@@ -119,9 +119,11 @@ def training_config(args, label: str, reward_name: str, strategy: str) -> Config
     return config
 
 
-def train_lora(args, reward_name: str, strategy: str, label: str) -> tuple:
-    """Train one LoRA with the training loop; (pipeline with the LoRA, one record per update, LoRA dir)."""
+def train_lora(args, reward_name: str, strategy: str, label: str, **overrides) -> tuple:
+    """Train one LoRA with the training loop; (pipeline with the LoRA, one record per update, LoRA dir).
+    `overrides`: more top-level config values (e.g. gradient_path)."""
     config = training_config(args, label, reward_name, strategy)
+    config.update(overrides)
     print(f"-- {label}: {args.updates} updates", flush=True)
     trainer = Trainer(config, validate(config, num_processes=1), shared_run_dir(config))
     trainer.fit()
