@@ -382,6 +382,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "gradient_paths.direct_align_noise_source": Text(choices=lambda: ("initial", "fresh")),
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),
+    "block_checkpoint": Flag(),
     "vae_tiling": Flag(),
     "vae_slicing": Flag(),
     # model

@@ -50,6 +50,8 @@ def build_session(config) -> Session:
     model = models.load_model(config.pretrained.model, config.pretrained.revision, dtype, vae=config.pretrained.vae)
     model.pipeline.to(accelerator.device)
     model.check_options(sampling_options_from_config(config))
+    if config.block_checkpoint:
+        model.denoiser.enable_gradient_checkpointing()
     if config.vae_tiling:
         model.vae.enable_tiling()
     if config.vae_slicing:

@@ -169,6 +169,10 @@ def general():
     # Memory for large models (SDXL, SD3, FLUX): encode every prompt once and move the text encoders to the
     # CPU; decode the VAE in tiles / one image at a time (diffusers' enable_tiling / enable_slicing).
     config.offload_text_encoders = False
+    # Checkpoint each block of a denoiser call that keeps its gradient (diffusers' enable_gradient_checkpointing):
+    # during the backward only one block's activations are recomputed and alive at a time, instead of the whole
+    # call's (grad_checkpoint). For 8-12B transformers; pair it with grad_checkpoint=False to recompute once.
+    config.block_checkpoint = False
     config.vae_tiling = False
     config.vae_slicing = False
 
@@ -325,6 +329,7 @@ def _flow(config, model, steps, guidance):
     config.train.learning_rate = 3e-4
     config.train.batch_size_per_gpu_available = 1
     config.offload_text_encoders = True  # T5-XXL (4.7B) encoded once and moved off the accelerator
+    config.block_checkpoint, config.grad_checkpoint = True, False  # per-block recompute, once
     config.decode_checkpoint = True
     config.vae_slicing = True
     config.native_dtype = True
