@@ -11,6 +11,7 @@ from alignprop import gradient_paths, prompts, rewards, schema
 from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
 from alignprop.models import check_model_available, check_model_name, inference_dtype
+from alignprop.rewards.relative import check_relative_control
 from alignprop.truncation import truncation_from_config
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def validate(config, num_processes: int) -> BatchPlan:
     check_model_name(config.pretrained.model)
     check_model_available(config.pretrained.model, config.pretrained.revision)
     rewards.check_reward_name(config.reward_fn)
+    check_relative_control(config.reward_fn, tuple(config.rewards.relative_control))
     prompts.load_prompts(config.prompt_fn)
     prompts.load_prompts(config.eval_prompt_fn)
     truncation_from_config(config)

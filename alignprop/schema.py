@@ -434,6 +434,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "rewards.toyworld.area_target": Number(0, 1, low_open=True, high_open=True),
     "rewards.toyworld.position_target": Pair(Number(0, 1), note="x, y"),
     "rewards.combination": Text(note="e.g. 'aesthetic:1.0,hps:0.5'"),
+    "rewards.relative_control": Names(what="two control phrases (positive, negative)", empty=True),
     # publishing
     "push_to_hub": Flag(),
     "hub_model_id": Text(note="empty: the run directory's name"),

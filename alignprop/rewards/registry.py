@@ -134,5 +134,13 @@ def build_unfrozen(name: str, config, dtype: torch.dtype) -> Reward:
 
 
 def build_reward(config, device: torch.device, dtype: torch.dtype) -> Reward:
-    """The reward `config.reward_fn`, frozen, on `device`; its models load in `dtype`."""
-    return build_unfrozen(config.reward_fn, config, dtype).to(device).freeze()
+    """The reward `config.reward_fn`, frozen, on `device`; its models load in `dtype`; SRPO's relative form when
+    `rewards.relative_control` names a positive and a negative phrase."""
+    from alignprop.rewards.relative import Relative, check_relative_control
+
+    reward = build_unfrozen(config.reward_fn, config, dtype)
+    control = tuple((config.get("rewards") or {}).get("relative_control", ()))
+    check_relative_control(config.reward_fn, control)
+    if control:
+        reward = Relative(reward, *control)
+    return reward.to(device).freeze()
