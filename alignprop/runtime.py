@@ -19,12 +19,9 @@ TRACKERS = ("none", "wandb", "tensorboard")
 
 
 def effective_mixed_precision(requested: str) -> str:
-    """fp16 needs a GPU; on a CPU-only machine fall back to fp32 with a warning rather than fail."""
+    """fp16 needs a GPU; on a CPU-only machine fall back to fp32 (`validate` warns once the config is valid)."""
     inference_dtype(requested)  # validates the name
-    if requested == "fp16" and not torch.cuda.is_available():
-        logger.warning("mixed_precision=fp16 needs a GPU; running in fp32 on the CPU")
-        return "no"
-    return requested
+    return "no" if requested == "fp16" and not torch.cuda.is_available() else requested
 
 
 def check_tracker_installed(tracker: str) -> None:
@@ -55,7 +52,8 @@ def validate(config, num_processes: int) -> BatchPlan:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("train.use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes") from None
-    config.mixed_precision = effective_mixed_precision(config.mixed_precision)
+    requested_precision = config.mixed_precision
+    config.mixed_precision = effective_mixed_precision(requested_precision)
     check_model_name(config.pretrained.model)
     check_model_available(config.pretrained.model, config.pretrained.revision)
     rewards.check_reward_name(config.reward_fn)
@@ -67,6 +65,8 @@ def validate(config, num_processes: int) -> BatchPlan:
     check_cadence(config)
     batches = plan_batches(config.train, num_processes)
     fill_derived_fields(config.train, batches)
+    if requested_precision != config.mixed_precision:  # after every check: a bad input stays one error line
+        logger.warning("mixed_precision=fp16 needs a GPU; running in fp32 on the CPU")
     return batches
 
 

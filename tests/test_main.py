@@ -125,13 +125,23 @@ def test_a_full_disk_at_start_up_is_one_clear_line_and_leaves_no_run_directory(t
 
 
 def test_fp16_on_a_cpu_falls_back_to_fp32_with_one_warning(tmp_path):
-    # Followed by a config error so that nothing trains: the warning comes from validation, first.
+    # A dry run validates the whole config and trains nothing: the warning comes once validation has passed.
     logdir = tmp_path / "logs"
-    args = ["--config.mixed_precision=fp16", "--config.prompt_fn=animals", f"--config.logdir={logdir}"]
+    args = ["--config.mixed_precision=fp16", "--config.dry_run=True", f"--config.logdir={logdir}"]
     result = run_main("--config", "config/align_prop.py:tiny", *args, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if "mixed_precision=fp16 needs a GPU" in line]
     assert warnings == [warnings[0]] and "running in fp32" in warnings[0], result.stderr
-    assert_one_clear_line(result, "unknown prompt set", logdir)
+    # With a bad input the error is the only line (no warning before it).
+    bad = run_main(
+        "--config",
+        "config/align_prop.py:tiny",
+        *args[:1],
+        "--config.prompt_fn=animals",
+        f"--config.logdir={logdir}",
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert_one_clear_line(bad, "unknown prompt set", logdir)
 
 
 def test_readme_demo_command(tmp_path):
