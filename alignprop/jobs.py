@@ -8,6 +8,7 @@ resumed run: the checkpoint's run is never written to).
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from alignprop.errors import UserError
 from alignprop.lora_files import check_matches_config, is_original_checkpoint, read_lora
 from alignprop.rundir import DISK_FULL, cannot_write, create_run_dir, os_error_behind, write_config
 from alignprop.session import Session, build_session
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,14 @@ def prepare_training(config, batches: BatchPlan) -> Job:
 
 def prepare(config, num_processes: int) -> Job:
     """Validate everything (raising UserError) and say what to run; writes nothing."""
-    batches = runtime.validate(config, num_processes)
+    requested_precision = config.mixed_precision
+    job = prepare_job(config, runtime.validate(config, num_processes))
+    if requested_precision != config.mixed_precision:  # after every check: a bad input stays one error line
+        logger.warning("mixed_precision=%s needs a GPU; running in fp32 on the CPU", requested_precision)
+    return job
+
+
+def prepare_job(config, batches: BatchPlan) -> Job:
     size = batches.batch_size
     if config.soup_inference:
         inputs = soup.prepare(config)

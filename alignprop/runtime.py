@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from accelerate import PartialState
 
@@ -14,12 +12,11 @@ from alignprop.models import check_model_available, check_model_name, inference_
 from alignprop.rewards.relative import check_relative_control
 from alignprop.truncation import truncation_from_config
 
-logger = logging.getLogger(__name__)
 TRACKERS = ("none", "wandb", "tensorboard")
 
 
 def effective_mixed_precision(requested: str) -> str:
-    """fp16 needs a GPU; on a CPU-only machine fall back to fp32 (`validate` warns once the config is valid)."""
+    """fp16 needs a GPU; on a CPU-only machine fall back to fp32 (`jobs.prepare` warns once all checks passed)."""
     inference_dtype(requested)  # validates the name
     return "no" if requested == "fp16" and not torch.cuda.is_available() else requested
 
@@ -52,8 +49,7 @@ def validate(config, num_processes: int) -> BatchPlan:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise UserError("train.use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes") from None
-    requested_precision = config.mixed_precision
-    config.mixed_precision = effective_mixed_precision(requested_precision)
+    config.mixed_precision = effective_mixed_precision(config.mixed_precision)
     check_model_name(config.pretrained.model)
     check_model_available(config.pretrained.model, config.pretrained.revision)
     rewards.check_reward_name(config.reward_fn)
@@ -65,8 +61,6 @@ def validate(config, num_processes: int) -> BatchPlan:
     check_cadence(config)
     batches = plan_batches(config.train, num_processes)
     fill_derived_fields(config.train, batches)
-    if requested_precision != config.mixed_precision:  # after every check: a bad input stays one error line
-        logger.warning("mixed_precision=fp16 needs a GPU; running in fp32 on the CPU")
     return batches
 
 
