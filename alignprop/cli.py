@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from alignprop.errors import Interrupted, UserError
+from alignprop.errors import Interrupted, UserError, shorten
 
 FLAGS = flags.FLAGS
 # No default: a default preset would be parsed (with the overrides) as soon as the flag is defined, before any
@@ -120,10 +120,6 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def excerpt_text(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def last_error_line(text: str) -> str:
     """The final 'SomethingError: message' line of an absl/ml_collections error text, else its first line."""
     matches = re.findall(r"^\s*\w*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
@@ -193,7 +189,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             fail(explain_unknown_key(argv, error))
         fail(f"{error}: no such flag (see {program_name(argv[0])} --help)")
     except flags.Error as error:
-        fail(excerpt_text(last_error_line(str(error)), FLAG_ERROR_CHARS))
+        fail(shorten(last_error_line(str(error)), FLAG_ERROR_CHARS))
     except (AttributeError, KeyError) as error:
         fail(explain_unknown_key(argv, error))
     except OSError as error:

@@ -3,10 +3,14 @@
 EXCERPT_CHARS = 80
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
     """repr(value) on one line, cut to `limit` characters with an ellipsis: never echo a huge user value."""
-    text = " ".join(repr(value.to_dict() if hasattr(value, "to_dict") else value).splitlines())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return shorten(" ".join(repr(value.to_dict() if hasattr(value, "to_dict") else value).splitlines()), limit)
 
 
 class UserError(Exception):

@@ -232,17 +232,22 @@ def rewards_study(args, rewards, splits, results, grid_prompts, grid_rows) -> di
     return loras
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def setup(args) -> tuple[dict, dict]:
+    """Threads and output directory as asked; the caption splits and the three rewards every study measures."""
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    splits = split_captions()
     rewards = {
         "toyworld_shape": build_reward("toyworld_shape"),
         "toyworld_area": build_reward("toyworld_area", area_target=args.area_target),
         "toyworld_colour": build_reward("toyworld_colour"),
     }
+    return split_captions(), rewards
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    splits, rewards = setup(args)
     half = GRID_PROMPTS // 2
     grid_prompts = evenly_spaced(splits["train"], half) + evenly_spaced(splits["heldout"], half)
 

@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from alignprop import models
-from alignprop.toyworld.splits import split_captions
-from experiments.toyworld_alignprop import build_reward, change, evaluate_splits, measure, parse_args, train_lora
+from experiments.toyworld_alignprop import change, evaluate_splits, measure, parse_args, setup, train_lora
 
 PATHS = ("truncation", "refl", "draft_lv", "drtune", "direct_align")
 
@@ -46,11 +43,7 @@ def path_table(base: dict, runs: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    splits = split_captions()
-    rewards = {name: build_reward(name) for name in ("toyworld_shape", "toyworld_area", "toyworld_colour")}
+    splits, rewards = setup(args)
     base, _ = evaluate_splits(models.load_pipeline(args.model), rewards, splits, args)
     runs = {}
     for path in PATHS:
