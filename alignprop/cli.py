@@ -138,12 +138,20 @@ def config_argument(argv: list[str]) -> str | None:
     return None
 
 
+# Keys that existed in an earlier version, with what replaces them (said instead of a close match).
+REMOVED_KEYS = {
+    "fold_lora": "it gave no measurable speed (benchmarks/README.md); compile_denoiser is the faster switch",
+}
+
+
 def unknown_key(argv: list[str], config: ConfigDict, config_file: str) -> str | None:
     """'unknown config key ...' for the first --config.A.B override naming a key the config does not have."""
     for argument in given_arguments(argv):
         match = re.match(r"^--?(?:no)?config\.([^=]+)", argument)
         if not match:
             continue
+        if match.group(1) in REMOVED_KEYS and match.group(1) not in config:
+            return f"config key {match.group(1)!r} was removed: {REMOVED_KEYS[match.group(1)]} (see {config_file})"
         parts = match.group(1).split(".")
         node = config
         for depth, part in enumerate(parts):

@@ -3,8 +3,9 @@
 The model (a short name of ours, a local diffusers directory or single file, or a hub id looked up in the local
 Hugging Face cache with `try_to_load_from_cache`, never on the network), the reward's weights and the prompt
 files. A hub pipeline is listed component by component once its `model_index.json` is cached; before that only
-`model_index.json` itself can be named. Sizes are those of the files found (a missing file's size is not known
-offline).
+`model_index.json` itself can be named. A single file comes with its pipeline layout (`pretrained.config`, or the
+hub repo diffusers infers from the file's keys): model_index.json and its components' configs, not their weights.
+Sizes are those of the files found (a missing file's size is not known offline).
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ def component_files(component: str, library: str) -> list[tuple[str, ...]]:
     return [(f"{component}/config.json",), tuple(f"{component}/{name}" for name in weights)]
 
 
-def model_needs(model: str, revision: str) -> list[Need]:
+def model_needs(model: str, revision: str, layout: str = "") -> list[Need]:
+    """The model's files; `layout`: pretrained.config, the pipeline layout of a single-file model."""
     from alignprop.models import SHORT_NAMES, SINGLE_FILE_SUFFIXES, check_model_name
 
     check_model_name(model)  # a retired id or a local path that does not exist: one line, as in a run
@@ -107,7 +109,7 @@ def model_needs(model: str, revision: str) -> list[Need]:
     path = Path(model).expanduser()
     if path.is_file():
         found = path if path.suffix in SINGLE_FILE_SUFFIXES else None
-        return [Need("model", f"{model} (single file)", found, "local")]
+        return [Need("model", f"{model} (single file)", found, "local"), *layout_needs(path, layout, revision)]
     index = local_or_cached(model, "model_index.json", revision)
     needs = [Need("model", f"{model}: model_index.json", index, where(model))]
     if index is None:
@@ -126,6 +128,32 @@ def model_needs(model: str, revision: str) -> list[Need]:
             continue
         for candidates in component_files(component, spec[0]):
             needs.append(first_found("model", model, candidates, revision))
+    return needs
+
+
+def layout_needs(path: Path, layout: str, revision: str) -> list[Need]:
+    """A single file's pipeline layout: model_index.json and the configs of its components (their weights come
+    from the file). Without pretrained.config, the hub repo diffusers infers from the file (offline: its cache)."""
+    from alignprop.models import SHORT_NAMES, SINGLE_FILE_CONFIG_OPTION, inferred_layout
+
+    what = "model: layout"
+    if layout in SHORT_NAMES:
+        return [Need(what, layout, None, "built by alignprop", built_in=True)]
+    note = ""
+    if not layout:
+        layout, note = inferred_layout(path) or "", "inferred from the file by diffusers; "
+        if not layout:
+            return [Need(what, f"(unknown: give {SINGLE_FILE_CONFIG_OPTION}=DIR)", None)]
+    index = local_or_cached(layout, "model_index.json", revision)
+    needs = [Need(what, f"{layout}: model_index.json", index, note + where(layout))]
+    if index is None:
+        return needs
+    for component, spec in sorted(json.loads(index.read_text()).items()):
+        if component.startswith("_") or component == "safety_checker" or not isinstance(spec, list) or not spec[0]:
+            continue
+        files = component_files(component, spec[0])
+        for candidates in files if component in CONFIG_FILES else files[:1]:  # a network's weights: from the file
+            needs.append(first_found(what, layout, candidates, revision))
     return needs
 
 
@@ -198,7 +226,7 @@ def prompt_path(name: str) -> Path:
 
 def needs_of(config) -> list[Need]:
     """Everything the run described by `config` reads from disk or the hub."""
-    needs = model_needs(config.pretrained.model, config.pretrained.revision)
+    needs = model_needs(config.pretrained.model, config.pretrained.revision, config.pretrained.get("config", ""))
     vae = config.pretrained.vae  # another AutoencoderKL replacing the pipeline's (e.g. an fp16-safe one)
     if vae:
         needs += [first_found("model: vae", vae, ("config.json",)), first_found("model: vae", vae, DIFFUSERS_WEIGHTS)]

@@ -12,9 +12,14 @@
 - drtune (DRTune): K evenly spaced steps (interval T // K, a random offset in [0, interval)) keep their
   gradient, and the denoiser *input* is detached at each of them: gradient enters the denoiser only from its
   output and flows on along the sampler's update path.
-- direct_align (SRPO's Direct-Align, denoise branch): the final sample without gradient; known noise injected
-  at the sampler step whose noise level is nearest u ~ U(min, max); one denoiser step with gradient; the clean
-  latents recovered in closed form from the known noise; the loss weighted by a discount linear in u.
+- direct_align (SRPO's Direct-Align): the final sample without gradient; known noise injected at the sampler
+  step whose noise level is nearest u ~ U(min, max); one denoiser step with gradient; the clean latents
+  recovered in closed form from the known noise; the loss weighted by a discount linear in u. Branches
+  (`direct_align_branch`): "denoise" steps down to the next level; "inversion" (SRPO's second branch) injects
+  the noise at that step's level, steps *up* to the previous, noisier level with the same prediction and
+  scores the recovered image with the reward's sign flipped (SRPO's gradient descent on the reward there;
+  the upward step's Jacobian has the opposite sign, so both branches push the prediction the same way);
+  "both" runs the two from one noise at one evaluated step, each with its own discount.
 
 Every random draw comes from the trainer's streams (`plans` for steps and levels, `latents` for noise), so
 runs stay reproducible and resumable.
@@ -23,21 +28,32 @@ runs stay reproducible and resumable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from alignprop.errors import UserError
+from alignprop.rewards.base import RewardResult
 from alignprop.sampling import decode, guided_prediction, initial_latents
 
 PATHS = ("truncation", "refl", "draft_lv", "drtune", "direct_align")
 NOISE_SOURCES = ("initial", "fresh")
+DIRECT_ALIGN_BRANCHES = ("denoise", "inversion", "both")
+
+
+class Branch(NamedTuple):
+    """Clean latents to decode and score, with their loss weight; `inverted`: scored with the reward negated."""
+
+    latents: torch.Tensor
+    weight: float
+    inverted: bool = False
 
 
 @dataclass(frozen=True)
 class PathSample:
-    """What one gradient path produced: clean latents to decode and score, each with its loss weight."""
+    """What one gradient path produced: its branches and which steps' denoiser calls carried gradient."""
 
-    branches: list[tuple[torch.Tensor, float]]
+    branches: list[Branch]
     trained: tuple[bool, ...]  # steps (0 = first, noisiest) whose denoiser call carried gradient
 
 
@@ -63,6 +79,16 @@ def check(config) -> None:
     low, high = knobs.direct_align_noise
     if path == "direct_align" and not 0 < low <= high < 1:
         raise UserError(f"gradient_paths.direct_align_noise={(low, high)} must satisfy 0 < min <= max < 1")
+    if path == "direct_align" and knobs.direct_align_branch not in DIRECT_ALIGN_BRANCHES:
+        raise UserError(
+            f"gradient_paths.direct_align_branch={knobs.direct_align_branch!r}; "
+            f"choose one of: {', '.join(DIRECT_ALIGN_BRANCHES)}"
+        )
+    if path == "direct_align" and knobs.direct_align_branch != "denoise" and steps < 3:
+        raise UserError(
+            f"gradient_paths.direct_align_branch={knobs.direct_align_branch!r} needs steps >= 3 "
+            "(the inversion steps up a level, never to pure noise)"
+        )
     if path == "direct_align" and knobs.direct_align_noise_source not in NOISE_SOURCES:
         raise UserError(
             f"gradient_paths.direct_align_noise_source={knobs.direct_align_noise_source!r}; "
@@ -129,7 +155,7 @@ def refl(model, conditioning, latents, options, step: int, generator=None) -> Pa
         latents = denoise(model, conditioning, latents, timesteps[:step], options, generator)
     prediction = guided_prediction(model, latents, timesteps[step], conditioning, options)
     clean = model.denoised(prediction, timesteps[step], latents)
-    return PathSample([(clean, 1.0)], flags(options.steps, {step}))
+    return PathSample([Branch(clean, 1.0)], flags(options.steps, {step}))
 
 
 def one_step(model, conditioning, latents, timestep, options):
@@ -142,11 +168,11 @@ def draft_lv(model, conditioning, latents, options, noises: list[torch.Tensor], 
     steps = options.steps
     timesteps = model.set_timesteps(steps, latents.device)
     final = denoise(model, conditioning, latents, timesteps, options, generator, trained={steps - 1})
-    branches = [(final, 1.0)]
+    branches = [Branch(final, 1.0)]
     last = timesteps[-1]
     for noise in noises:
         noisy = model.add_noise(final.detach(), noise.to(final.dtype), last)
-        branches.append((one_step(model, conditioning, noisy, last, options), 1.0))
+        branches.append(Branch(one_step(model, conditioning, noisy, last, options), 1.0))
     return PathSample(branches, flags(steps, {steps - 1}))
 
 
@@ -155,19 +181,54 @@ def drtune(model, conditioning, latents, options, trained: tuple[int, ...], gene
     final = denoise(
         model, conditioning, latents, timesteps, options, generator, trained=set(trained), detach_input=True
     )
-    return PathSample([(final, 1.0)], flags(options.steps, trained))
+    return PathSample([Branch(final, 1.0)], flags(options.steps, trained))
 
 
-def direct_align(model, conditioning, latents, options, level: float, noise, weight: float, generator=None):
+def direct_align(
+    model,
+    conditioning,
+    latents,
+    options,
+    level: float,
+    noise,
+    weight: float,
+    generator=None,
+    branch="denoise",
+    inversion_weight: float = 0.0,
+) -> PathSample:
+    """SRPO's Direct-Align at the step nearest `level` (a branch with an inversion starts no earlier than
+    `first_invertible_step`: it steps up to the level before it)."""
     timesteps = model.set_timesteps(options.steps, latents.device)
     with torch.no_grad():
         clean = denoise(model, conditioning, latents, timesteps, options, generator)
     step = nearest_step(model, timesteps, level)
+    if branch != "denoise":
+        step = max(step, first_invertible_step(model, timesteps))
     noise = noise.to(clean.dtype)
     noisy = model.add_noise(clean, noise, timesteps[step])
-    stepped = one_step(model, conditioning, noisy, timesteps[step], options)
-    recovered = model.clean_after_step(stepped, noise, timesteps[step])
-    return PathSample([(recovered, weight)], flags(options.steps, {step}))
+    branches = []
+    if branch in ("denoise", "both"):
+        stepped = one_step(model, conditioning, noisy, timesteps[step], options)
+        branches.append(Branch(model.clean_after_step(stepped, noise, timesteps[step]), weight))
+    if branch in ("inversion", "both"):
+        inverted = inversion_step(model, conditioning, noisy, timesteps[step], timesteps[step - 1], options)
+        branches.append(Branch(model.clean_at(inverted, noise, timesteps[step - 1]), inversion_weight, True))
+    return PathSample(branches, flags(options.steps, {step}))
+
+
+def first_invertible_step(model, timesteps) -> int:
+    """The first step an inversion can start from: the level it steps up to must hold some signal (flow
+    matching's first level is sigma = 1, pure noise, from which nothing can be recovered)."""
+    return 1 if model.noise_level(timesteps[0]) < 1 else 2
+
+
+def inversion_step(model, conditioning, latents, timestep, noisier_timestep, options):
+    """One deterministic step *up* from `timestep`'s level to `noisier_timestep`'s, with gradient: the clean
+    latents and the noise that the prediction implies, put back together at the noisier level (DDIM inversion;
+    for flow matching this is the Euler step x + (sigma' - sigma) v that SRPO's inversion branch takes)."""
+    prediction = guided_prediction(model, latents, timestep, conditioning, options)
+    clean = model.denoised(prediction, timestep, latents)
+    return model.add_noise(clean, model.implied_noise(clean, timestep, latents), noisier_timestep)
 
 
 def run(config, model, conditioning, latents, options, random) -> PathSample:
@@ -186,9 +247,27 @@ def run(config, model, conditioning, latents, options, random) -> PathSample:
         noise_range = tuple(knobs.direct_align_noise)
         level = direct_align_level(noise_range, random.plans)
         weight = discount(level, noise_range, tuple(knobs.direct_align_discount))
+        inversion_weight = discount(level, noise_range, tuple(knobs.direct_align_inversion_discount))
         noise = latents if knobs.direct_align_noise_source == "initial" else fresh_noise(model, latents, random.latents)
-        return direct_align(model, conditioning, latents, options, level, noise, weight, random.latents)
+        return direct_align(
+            model,
+            conditioning,
+            latents,
+            options,
+            level,
+            noise,
+            weight,
+            random.latents,
+            branch=knobs.direct_align_branch,
+            inversion_weight=inversion_weight,
+        )
     raise UserError(f"gradient_path={path!r}; choose one of: {', '.join(PATHS)}")
+
+
+def negated(result: RewardResult) -> RewardResult:
+    """The reward with its sign flipped (loss -> -loss, reward -> -reward): SRPO scores its inversion branch
+    with the relative reward's two prompts swapped, gradient descent where the denoise branch ascends."""
+    return RewardResult(-result.loss, -result.reward, result.metrics)
 
 
 def fresh_noise(model, latents, generator) -> torch.Tensor:
@@ -206,10 +285,10 @@ def sample_and_score(trainer, batch, shape_loss):
         conditioning = model.conditioning(batch.prompts, guided=model.guided(options))
         outcome = run(config, model, conditioning, batch.latents, options, trainer.random)
         total, first = 0, None
-        for latents, weight in outcome.branches:
-            images = decode(model, latents, options)
+        for branch in outcome.branches:
+            images = decode(model, branch.latents, options)
             result = trainer.reward.score(images, batch.prompts)
-            total = total + weight * shape_loss(result).float()
+            total = total + branch.weight * shape_loss(negated(result) if branch.inverted else result).float()
             first = first or (result, images)
     loss = total.mean() * config.train.loss_coeff
     return loss, first[0], outcome.trained, first[1]

@@ -20,11 +20,39 @@ def repo_id(config, run_dir: Path) -> str:
     return config.hub_model_id or run_dir.name
 
 
+def single_file_pipeline(config) -> str:
+    """The pipeline class that loads a single-file base model: its layout's (pretrained.config), else SD1.x/2.x."""
+    from alignprop import models
+
+    layout = config.pretrained.get("config", "")
+    try:
+        source = models.resolve_model_source(layout) if layout else ""
+        return models.pipeline_class_name(config.pretrained.model, config.pretrained.revision, source)
+    except Exception:  # the card is written after training: an unreadable layout only loses the class's name
+        return "StableDiffusionPipeline"
+
+
+def base_lines(config) -> tuple[list[str], str, list[str]]:
+    """(YAML metadata lines, the card's "base model" value, the Python lines that load the base pipeline)."""
+    from alignprop.models import SINGLE_FILE_SUFFIXES
+
+    base = config.pretrained.model
+    if not base.endswith(SINGLE_FILE_SUFFIXES):
+        load = ["from diffusers import DiffusionPipeline", "", f'pipe = DiffusionPipeline.from_pretrained("{base}")']
+        return [f"base_model: {base}"], f"`{base}`", load
+    # A local file is no hub model id: no base_model metadata; its layout travels with it (pretrained.config).
+    layout = config.pretrained.get("config", "")
+    pipeline = single_file_pipeline(config)
+    where = f', config="{layout}"' if layout else ""
+    value = f"`{base}` (single file; layout `{layout}`)" if layout else f"`{base}` (single file)"
+    return [], value, [f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_single_file("{base}"{where})']
+
+
 def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, after: dict) -> str:
     """The model card: YAML metadata for the hub, then what was trained, how, and how well."""
-    base = config.pretrained.model
+    metadata, base, load = base_lines(config)
     rows = [
-        ("base model", f"`{base}`"),
+        ("base model", base),
         ("reward", f"`{config.reward_fn}`"),
         ("preset", f"`{preset}`" if preset else "(a config given in code)"),
         ("optimizer updates", str(updates)),
@@ -42,7 +70,7 @@ def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, af
     return "\n".join(
         [
             "---",
-            f"base_model: {base}",
+            *metadata,
             "library_name: diffusers",
             "tags:",
             *(f"- {tag}" for tag in ("text-to-image", "diffusers", "lora", "alignprop", config.reward_fn)),
@@ -50,7 +78,7 @@ def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, af
             "",
             f"# {repo_id(config, run_dir)}",
             "",
-            f"A LoRA for `{base}` fine-tuned with AlignProp (reward backpropagation through the sampling chain) "
+            f"A LoRA for {base} fine-tuned with AlignProp (reward backpropagation through the sampling chain) "
             f"on the `{config.reward_fn}` reward.",
             "",
             "| setting | value |",
@@ -68,9 +96,7 @@ def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, af
             "## Use",
             "",
             "```python",
-            "from diffusers import DiffusionPipeline",
-            "",
-            f'pipe = DiffusionPipeline.from_pretrained("{base}")',
+            *load,
             f'pipe.load_lora_weights("{repo_id(config, run_dir)}")',
             "```",
             "",

@@ -4,6 +4,12 @@ A model is named by a hub id, a local diffusers directory, a single .safetensors
 name of ours ("tiny", "toyworld", ...). Every form goes through `load_pipeline`, so the tiny test models
 exercise the same code as the real checkpoints. The family (SD1.x/2.x, SDXL, ...) is read from the model
 itself (`model_index.json`); see `alignprop.families`. The trainable LoRA is `alignprop.lora`.
+
+A single file holds weights only (the original LDM key layout; diffusers converts them). The pipeline's layout
+(model_index.json, each component's config, the tokenizer, the scheduler) comes from `pretrained.config`: a local
+diffusers directory, a hub id or a short name, read by diffusers' `from_single_file(config=...)` without any
+download once it is local or cached. Without it diffusers infers a hub repo from the file's keys and fetches its
+configs, which offline works only when that repo is already cached (`single_file_layout`).
 """
 
 from __future__ import annotations
@@ -11,12 +17,13 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from huggingface_hub.errors import HFValidationError
 
-from alignprop.errors import UserError, excerpt
+from alignprop.errors import UserError, excerpt, shorten
 from alignprop.families import Family, family_class
 
 logger = logging.getLogger(__name__)
@@ -30,11 +37,17 @@ TINY_FAMILIES = "alignprop.tiny_families:TINY_FAMILIES"
 SHORT_NAMES = {
     "tiny": "alignprop.tiny:tiny_pipeline_dir",
     "toyworld": "alignprop.toyworld:pipeline_dir",
+    "toyworld_flow": "alignprop.toyworld:flow_pipeline_dir",
     **dict.fromkeys(
         ("tiny_sdxl", "tiny_sd2v", "tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_flux_schnell"), TINY_FAMILIES
     ),
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SINGLE_FILE_CONFIG_OPTION = "--config.pretrained.config"
+SINGLE_FILE_CONFIG_ALONE = (
+    "pretrained.config is the pipeline layout of a single-file pretrained.model (.safetensors or .ckpt); "
+    "{model} is not one: drop --config.pretrained.config"
+)
 
 
 def inference_dtype(mixed_precision: str) -> torch.dtype:
@@ -67,8 +80,8 @@ def check_model_available(model: str, revision: str) -> None:
     if not isinstance(cached, str):
         raise UserError(
             f"model {excerpt(model)} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
-            "once online (hf download <id>) or give a local diffusers directory or .safetensors file as "
-            "--config.pretrained.model"
+            "once online (hf download <id>) or give a local diffusers directory (or a single file with "
+            f"{SINGLE_FILE_CONFIG_OPTION}=DIR) as --config.pretrained.model"
         )
 
 
@@ -82,38 +95,151 @@ def resolve_model_source(model: str) -> str:
     return model
 
 
-def pipeline_class_name(source: str, revision: str) -> str:
-    """The pipeline class `model_index.json` names (a single file: Stable Diffusion 1.x/2.x)."""
+def pipeline_class_name(source: str, revision: str, layout: str = "") -> str:
+    """The pipeline class `model_index.json` names; a single file: its layout's (without one, Stable Diffusion
+    1.x/2.x, as diffusers assumes)."""
     if Path(source).is_file():
-        return Family.pipeline_class.__name__
+        if not layout:
+            return Family.pipeline_class.__name__
+        source = layout
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.load_config(source, revision=revision)["_class_name"]
 
 
-def _from_source(family: type[Family], source: str, revision: str, dtype: torch.dtype, components: dict):
+def _cached(repo: str, filename: str, revision: str | None) -> Path | None:
+    """The file from the local hub cache (never the network), None when it is not there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+    except (HFValidationError, ValueError):
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+class _Shapes(Mapping):
+    """A .safetensors file's tensors as empty meta tensors of their shapes (read from the header, no weights)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as file:
+            self._shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}
+
+    def __getitem__(self, key):
+        return torch.empty(self._shapes[key], device="meta")
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self):
+        return len(self._shapes)
+
+
+def inferred_layout(path: Path) -> str | None:
+    """The hub repo whose configs diffusers fetches for a single file given without a layout (None: unknown),
+    guessed from the file's keys and shapes as diffusers does, without reading the weights of a .safetensors."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+
+    try:
+        if path.suffix == ".safetensors":
+            checkpoint = _Shapes(path)
+        else:  # a zip-format torch checkpoint is mapped, not read
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            while isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+                checkpoint = checkpoint["state_dict"]
+        return fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+    except Exception:  # not readable this way: diffusers will say what it can when it loads the file
+        return None
+
+
+def single_file_layout(model: str, path: Path, layout: str, revision: str) -> str:
+    """`pretrained.config` for a single-file model, as diffusers' `from_single_file(config=)` takes it: a local
+    diffusers directory (short names resolved) or a hub id; "" for diffusers' own guess. UserError (one line) for a
+    layout that cannot be read, and, offline, for one that is not cached or a file given without one."""
+    from huggingface_hub import constants
+
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise UserError(f"{excerpt(model)} is a file but not a {' or '.join(SINGLE_FILE_SUFFIXES)} checkpoint")
+    offline = constants.is_offline_mode()
+    if not layout:
+        repo = inferred_layout(path) if offline else None
+        if offline and (repo is None or _cached(repo, "model_index.json", revision) is None):
+            raise UserError(
+                f"single-file model {excerpt(model)} needs a pipeline layout and HF_HUB_OFFLINE is set"
+                f"{f' ({repo} is not cached)' if repo else ''}: give a diffusers directory of its family as "
+                f"{SINGLE_FILE_CONFIG_OPTION}=DIR"
+            )
+        return ""
+    if layout.startswith((".", "/", "~")) and not Path(layout).expanduser().exists():
+        raise UserError(f"pretrained.config path {excerpt(layout)} does not exist")
+    if layout in RETIRED_MODEL_IDS:
+        raise UserError(
+            f"{layout!r} was deleted from the hub by its owner; use the mirror of the same configs: "
+            f"{SINGLE_FILE_CONFIG_OPTION}={RETIRED_MODEL_IDS[layout]}"
+        )
+    source = resolve_model_source(layout)
+    directory = Path(source).expanduser()
+    if directory.exists():
+        if not (directory / "model_index.json").is_file():
+            raise UserError(
+                f"pretrained.config {excerpt(layout)} is not a diffusers pipeline directory (no model_index.json); "
+                "give one holding model_index.json and its components' configs"
+            )
+        return str(directory)
+    index = _cached(source, "model_index.json", revision)
+    if index is not None:  # the cached snapshot: diffusers reads it as a local directory, no hub call at all
+        return str(index.parent)
+    if offline:
+        raise UserError(
+            f"pretrained.config {excerpt(layout)} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            "download its configs once online (hf download <id> --include '*.json' --include '*.txt') or give a "
+            "local directory"
+        )
+    return source  # online: diffusers downloads its configs (json and txt files only)
+
+
+def _from_source(
+    family: type[Family], source: str, revision: str, dtype: torch.dtype, components: dict, layout: str = ""
+):
     common = {"dtype": dtype, **family.load_kwargs, **components}
-    path = Path(source)
-    if path.is_file():
-        if path.suffix not in SINGLE_FILE_SUFFIXES:
-            raise UserError(f"{source!r} is a file but not a {' or '.join(SINGLE_FILE_SUFFIXES)} checkpoint")
-        return family.pipeline_class.from_single_file(str(path), **common)
+    if Path(source).is_file():
+        where = {"config": layout, "revision": revision} if layout else {}
+        return family.pipeline_class.from_single_file(source, **where, **common)
     return family.pipeline_class.from_pretrained(source, revision=revision, **common)
 
 
-def load_pipeline(model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = ""):
+def load_pipeline(
+    model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = "", single_file_config: str = ""
+):
     """Load the model's pipeline (its family read from the model), its scheduler and frozen weights in `dtype`;
-    `vae`: another AutoencoderKL to use (e.g. an fp16-safe SDXL VAE)."""
+    `vae`: another AutoencoderKL to use (e.g. an fp16-safe SDXL VAE); `single_file_config`: the pipeline layout of
+    a single-file model (`pretrained.config`, see `single_file_layout`)."""
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     source = resolve_model_source(model)
+    single_file = Path(source).expanduser().is_file()
+    if single_file_config and not single_file:
+        raise UserError(SINGLE_FILE_CONFIG_ALONE.format(model=excerpt(model)))
+    if single_file:
+        source = str(Path(source).expanduser())
+    layout = single_file_layout(model, Path(source), single_file_config, revision) if single_file else ""
     try:
-        family = family_class(pipeline_class_name(source, revision))
+        family = family_class(pipeline_class_name(source, revision, layout))
         components = {"vae": _load_vae(vae, dtype)} if vae else {}
-        pipeline = _from_source(family, source, revision, dtype, components)
-    except (OSError, HFValidationError, ValueError, KeyError, json.JSONDecodeError) as error:
-        raise UserError(
-            f"cannot load model {excerpt(model)} ({type(error).__name__}: {str(error).splitlines()[0]}); "
-            "when offline, point --config.pretrained.model at a local diffusers directory or .safetensors file"
-        ) from None
+        pipeline = _from_source(family, source, revision, dtype, components, layout)
+    except (OSError, HFValidationError, ValueError, KeyError, json.JSONDecodeError, SingleFileComponentError) as error:
+        problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        if single_file and single_file_config and isinstance(error, OSError):
+            hint = "pretrained.config needs model_index.json and each component's config (*.json, *.txt files)"
+        elif single_file and single_file_config:
+            hint = "pretrained.config must be a pipeline of the file's family and size"
+        elif single_file:
+            hint = f"give a diffusers directory of its family as {SINGLE_FILE_CONFIG_OPTION}=DIR"
+        else:
+            hint = "when offline, point --config.pretrained.model at a local diffusers directory"
+        raise UserError(f"cannot load model {excerpt(model)} ({shorten(problem, 100)}); {hint}") from None
     family(pipeline).prepare()
     return pipeline
 
@@ -125,7 +251,9 @@ def _load_vae(source: str, dtype: torch.dtype):
     return AutoencoderKL.from_pretrained(source, dtype=dtype)
 
 
-def load_model(model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = "") -> Family:
+def load_model(
+    model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = "", single_file_config: str = ""
+) -> Family:
     """`load_pipeline`, wrapped in its family (what the sampler and the trainer use)."""
-    pipeline = load_pipeline(model, revision, dtype, vae)
+    pipeline = load_pipeline(model, revision, dtype, vae, single_file_config)
     return family_class(type(pipeline).__name__)(pipeline)

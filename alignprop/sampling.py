@@ -19,7 +19,6 @@ from torch.utils.checkpoint import checkpoint
 
 from alignprop.conditioning import Conditioning
 from alignprop.families import Family
-from alignprop.lora import FoldedLoRA
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,6 @@ class SamplingOptions:
     grad_checkpoint: bool = True  # checkpoint every denoiser call that keeps its gradient
     decode_checkpoint: bool = False  # checkpoint the VAE decode too
     native_dtype: bool = False  # frozen networks in their own dtype, autocast off (see `native_precision`)
-    fold_lora: bool = False  # no-grad denoiser calls on LoRA-folded weights (`alignprop.lora.FoldedLoRA`)
 
 
 def sampling_options_from_config(config) -> SamplingOptions:
@@ -43,7 +41,6 @@ def sampling_options_from_config(config) -> SamplingOptions:
         grad_checkpoint=config.grad_checkpoint,
         decode_checkpoint=config.decode_checkpoint,
         native_dtype=config.native_dtype,
-        fold_lora=config.fold_lora,
     )
 
 
@@ -115,19 +112,19 @@ def sample(
     keep_grad: Sequence[bool],
     options: SamplingOptions,
     generator: torch.Generator | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Run len(keep_grad) scheduler steps from `latents`; return the final latents.
+    """Run the scheduler steps `start`.. of a len(keep_grad)-step schedule from `latents` (the latents at step
+    `start`: e.g. after a gradient-free prefix run elsewhere, `alignprop.prefix`); return the final latents.
 
     Differentiable w.r.t. the LoRA weights through the steps that `keep_grad` marks (when autograd is
     enabled by the caller); under `torch.no_grad()` this is plain inference, used for evaluation.
     `generator` feeds the DDIM noise when eta > 0.
     """
-    timesteps = model.set_timesteps(len(keep_grad), latents.device)
-    keeps_grad_at = [keep and torch.is_grad_enabled() for keep in keep_grad]
-    folded = FoldedLoRA(model.denoiser) if options.fold_lora and not all(keeps_grad_at) else None
+    timesteps = model.set_timesteps(len(keep_grad), latents.device)[start:]
+    keeps_grad_at = [keep and torch.is_grad_enabled() for keep in keep_grad[start:]]
     for keeps_grad, timestep in zip(keeps_grad_at, timesteps):
-        lora_path = folded.applied() if folded and not keeps_grad else contextlib.nullcontext()
-        with torch.set_grad_enabled(keeps_grad), lora_path:
+        with torch.set_grad_enabled(keeps_grad):
             prediction = guided_prediction(model, latents, timestep, conditioning, options)
         latents = model.step(prediction, timestep, latents, eta=options.eta, generator=generator)
     return latents

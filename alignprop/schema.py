@@ -284,6 +284,8 @@ def _lr_schedulers():
 
 
 EVAL_PROMPT_MODES = ("all", "original")
+# torch.compile modes of `compile_denoiser` ("default" is torch.compile's mode=None); "off" does not compile.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _one_path_component(name: str) -> None:
@@ -371,7 +373,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "grad_checkpoint": Flag(),
     "decode_checkpoint": Flag(),
     "native_dtype": Flag(),
-    "fold_lora": Flag(),
+    "compile_denoiser": Text(choices=lambda: COMPILE_MODES),
     # gradient paths (names and ranges against steps: gradient_paths.check)
     "gradient_path": Text(empty=False, limit=MAX_NAME, note="truncation, refl, draft_lv, drtune or direct_align"),
     "gradient_paths.refl_last_steps": Pair(Int(1, 1000), ordered=True),
@@ -380,6 +382,8 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "gradient_paths.direct_align_noise": Pair(Number(0, 1, low_open=True, high_open=True), ordered=True),
     "gradient_paths.direct_align_discount": Pair(Number(0, None)),
     "gradient_paths.direct_align_noise_source": Text(choices=lambda: ("initial", "fresh")),
+    "gradient_paths.direct_align_branch": Text(choices=lambda: ("denoise", "inversion", "both")),
+    "gradient_paths.direct_align_inversion_discount": Pair(Number(0, None)),
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),
     "block_checkpoint": Flag(),
@@ -389,6 +393,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "pretrained.model": Text(empty=False, note="a hub id, a local directory or file, or tiny / toyworld"),
     "pretrained.revision": Text(empty=False),
     "pretrained.vae": Text(note="empty, or a hub id / local directory of an AutoencoderKL"),
+    "pretrained.config": Text(note="empty, or a single-file model's layout: a diffusers directory, hub id or tiny"),
     "lora.rank": Int(1, 1024),
     "lora.alpha": POSITIVE,
     "lora.target_modules": Names(),
@@ -408,6 +413,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "train.batch_size_per_gpu_available": Int(1),
     "train.gradient_accumulation_steps": Int(1, also=(-1,), note="derived from the batch sizes at start"),
     "train.data_loader_iterations": Int(1, also=(-1,), note="derived from the batch sizes at start"),
+    "train.no_grad_batch_size": Int(0, note="samples per no-grad prefix call; 0: off"),
     # trackers (config.wandb, with tracker="wandb" or "tensorboard")
     "wandb.project": Text(empty=False, validate=_one_path_component),
     "wandb.entity": Text(note="empty: wandb's default"),
@@ -472,6 +478,16 @@ def check(config) -> None:
     check_combination(config)
     check_eval_prompts(config)
     check_push_to_hub(config)
+    check_single_file_config(config)
+
+
+def check_single_file_config(config) -> None:
+    """pretrained.config is the layout of a single-file model: refused beside any other kind of model."""
+    from alignprop.models import SINGLE_FILE_CONFIG_ALONE, SINGLE_FILE_SUFFIXES
+
+    pretrained = config.get("pretrained") or {}
+    if pretrained.get("config") and not str(pretrained.get("model", "")).endswith(SINGLE_FILE_SUFFIXES):
+        raise UserError(SINGLE_FILE_CONFIG_ALONE.format(model=excerpt(pretrained.get("model", ""))))
 
 
 def check_push_to_hub(config) -> None:

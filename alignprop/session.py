@@ -47,7 +47,9 @@ def build_session(config) -> Session:
     """Accelerator, frozen model (on the accelerator's device) and reward, from a validated config."""
     accelerator = make_accelerator(config)
     dtype = models.inference_dtype(config.mixed_precision)
-    model = models.load_model(config.pretrained.model, config.pretrained.revision, dtype, vae=config.pretrained.vae)
+    pretrained = config.pretrained
+    layout = pretrained.get("config", "")  # a single file's pipeline layout
+    model = models.load_model(pretrained.model, pretrained.revision, dtype, pretrained.vae, single_file_config=layout)
     model.pipeline.to(accelerator.device)
     model.check_options(sampling_options_from_config(config))
     if config.block_checkpoint:
@@ -56,6 +58,8 @@ def build_session(config) -> Session:
         model.vae.enable_tiling()
     if config.vae_slicing:
         model.vae.enable_slicing()
+    if config.compile_denoiser != "off":
+        model.compile_denoiser(config.compile_denoiser)
     if config.offload_text_encoders:  # every prompt the run can meet, encoded once
         model.offload_text_encoders(load_prompts(config.prompt_fn) + load_prompts(config.eval_prompt_fn))
     reward = build_reward(config, accelerator.device, dtype)

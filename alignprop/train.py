@@ -6,6 +6,10 @@ preset), a checkpoint every `save_freq` epochs (`checkpoints/checkpoint_<complet
 `resume_from` continues exactly), and Ctrl-C handling (finish the update, save
 `checkpoint_<epoch>_update_<n>`, exit 130). Non-finite updates are the guard's (`alignprop.nonfinite`).
 
+`train.no_grad_batch_size` (0: off) runs the gradient-free prefix of every sample of an update (the steps before
+its plan's first kept step) in large no-grad batches first (`micro_batches`, `alignprop.prefix`); the random
+streams, plans and gradients stay those of the micro-batch-by-micro-batch path.
+
 Override points (tests/distributed_worker.py pins the samples with them): `draw_micro_batch` and
 `synchronize_gradients`. tests/test_reliability.py wraps `sample_and_score`, `train_update` and
 `save_checkpoint`.
@@ -15,7 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +44,7 @@ from alignprop.lora import add_lora, save_lora
 from alignprop.lora_files import check_matches_config, copy_into_adapter, is_original_checkpoint, read_lora
 from alignprop.nonfinite import NonFiniteGuard, all_finite, optimizer_tensors
 from alignprop.pause import pause_point
+from alignprop.prefix import prefix_length, run_prefixes
 from alignprop.prompts import load_prompts
 from alignprop.randomness import RandomStreams, global_state, preserved_global_state, set_global_state
 from alignprop.rewards import RewardResult
@@ -56,6 +62,7 @@ class MicroBatch:
     prompts: list[str]
     latents: torch.Tensor
     keep_grad: tuple[bool, ...]
+    start: int = 0  # steps already run without gradient (`Trainer.micro_batches`): `latents` are those at this step
 
 
 @dataclass
@@ -152,10 +159,10 @@ class Trainer:
         started = time.perf_counter()
         accumulation = self.batches.gradient_accumulation_steps
         scored = []
-        for _ in range(accumulation):
+        for batch in self.micro_batches(accumulation):
             with torch.autograd.set_detect_anomaly(self.config.debug):  # debug: name the op behind a NaN gradient
-                # 1. Sample a micro-batch along its truncation plan, decode, score.
-                out = self.sample_and_score(self.draw_micro_batch())
+                # 1. Sample a micro-batch along its truncation plan (from its no-grad prefix's end), decode, score.
+                out = self.sample_and_score(batch)
                 # 2. Backpropagate (a plan that kept no step has nothing to learn from).
                 if out.loss.requires_grad:
                     self.accelerator.backward(out.loss / accumulation)
@@ -173,6 +180,31 @@ class Trainer:
         self.save_train_samples(scored)
         return record
 
+    def micro_batches(self, count: int) -> Iterator[MicroBatch]:
+        """The update's micro-batches. train.no_grad_batch_size=0: each drawn just before its pass. Otherwise all
+        drawn first (each random stream is its own generator: the same draws), every sample advanced through its
+        plan's gradient-free prefix in no-grad chunks of that size, each micro-batch yielded at its first kept step."""
+        chunk = self.config.train.get("no_grad_batch_size", 0)
+        if not chunk:
+            for _ in range(count):
+                yield self.draw_micro_batch()
+            return
+        yield from self.advance_prefixes([self.draw_micro_batch() for _ in range(count)], chunk)
+
+    def advance_prefixes(self, drawn: list[MicroBatch], chunk: int) -> list[MicroBatch]:
+        """`drawn`, each at its plan's first kept step: every sample's prefix run without gradient (`run_prefixes`)."""
+        lengths = [prefix_length(batch.keep_grad) for batch in drawn for _ in batch.prompts]
+        prompts = [prompt for batch in drawn for prompt in batch.prompts]
+        with self.accelerator.autocast():
+            conditioning = self.model.conditioning(prompts, guided=self.model.guided(self.options))
+            latents = torch.cat([batch.latents for batch in drawn])
+            advanced = run_prefixes(self.model, conditioning, latents, lengths, self.options, chunk)
+        sizes = [len(batch.prompts) for batch in drawn]
+        return [
+            replace(batch, latents=latents, start=prefix_length(batch.keep_grad))
+            for batch, latents in zip(drawn, advanced.split(sizes))
+        ]
+
     def draw_micro_batch(self) -> MicroBatch:
         """This process's next micro-batch, from its own random streams."""
         size = self.batches.batch_size
@@ -186,7 +218,9 @@ class Trainer:
             return Scored(loss, result, trained, tuple(batch.prompts), images.detach())
         with self.accelerator.autocast():
             conditioning = self.model.conditioning(batch.prompts, guided=self.model.guided(self.options))
-            final = sample(self.model, conditioning, batch.latents, batch.keep_grad, self.options, self.random.latents)
+            final = sample(
+                self.model, conditioning, batch.latents, batch.keep_grad, self.options, self.random.latents, batch.start
+            )
             images = decode(self.model, final, self.options)
             result = self.reward.score(images, batch.prompts)
         loss = self.shape_loss(result).float().mean() * self.config.train.loss_coeff

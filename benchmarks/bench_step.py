@@ -28,14 +28,14 @@ forward + backward, for judging that convention.
     efficiency = median step time / (fe x t_fwd)
 
 t_fwd: median time of one batched no-grad UNet forward (`guided_prediction`, batch 2B, LoRA attached), measured
-in the same process with the variant's precision, memory format and LoRA folding. Peak memory: CUDA max allocated
+in the same process with the variant's precision, memory format and compilation. Peak memory: CUDA max allocated
 during the step (weights included); on the CPU the process's peak RSS during the step (VmHWM, reset
 before each step where Linux allows it).
 
 Examples (from the repository root; results and the GPU script: benchmarks/README.md):
     python -m benchmarks.bench_step --arch tiny --json bench-cpu.json
     python -m benchmarks.bench_step --arch sd15 --device cuda --dtype bf16 --batch-size 4 --full-batch-size 1
-    python -m benchmarks.bench_step --arch sd15 --run fixed@4:ours,ours-fold --run full@1:ours,reference
+    python -m benchmarks.bench_step --arch sd15 --run fixed@4:ours,ours-compile --run full@1:ours,reference
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ from pathlib import Path
 
 import torch
 from ml_collections import ConfigDict
+from torch.utils.flop_counter import FlopCounterMode
 
 from alignprop.families import family_of
-from alignprop.lora import FoldedLoRA, add_lora
+from alignprop.lora import add_lora
+from alignprop.prefix import prefix_length, run_prefixes
 from alignprop.reference import reference_sample
 from alignprop.rewards import build_reward
 from alignprop.sampling import SamplingOptions, decode, guided_prediction, initial_latents, sample
@@ -82,7 +84,8 @@ class Variant:
     native_dtype: bool = False
     channels_last: bool = False
     cudnn_benchmark: bool = False
-    fold_lora: bool = False
+    compile_mode: str = ""  # compile_denoiser: "" off, else a torch.compile mode ("default", ...)
+    no_grad_batch: int = 0  # train.no_grad_batch_size: 0 off, -1 all the samples of the update
     description: str = ""
 
 
@@ -98,8 +101,11 @@ VARIANTS = {
         Variant("ours-native-cl", native_dtype=True, channels_last=True, description="native + channels_last"),
         Variant("ours-native-no-ckpt", native_dtype=True, grad_checkpoint=False, description="native, no ckpt"),
         Variant("ours-cudnn-bench", cudnn_benchmark=True, description="torch.backends.cudnn.benchmark on"),
-        Variant("ours-fold", fold_lora=True, description="LoRA folded into the weights for no-grad UNet calls"),
-        Variant("ours-fold-native", fold_lora=True, native_dtype=True, description="fold + native"),
+        Variant("ours-compile", compile_mode="default", description="torch.compile'd denoiser for no-grad calls"),
+        Variant("ours-graphs", compile_mode="reduce-overhead", description="compiled + CUDA graphs (no-grad calls)"),
+        Variant("ours-prefix", no_grad_batch=-1, description="no-grad prefixes of the whole update in one batch"),
+        Variant("ours-prefix-compile", no_grad_batch=-1, compile_mode="default", description="prefix + compile"),
+        Variant("ours-prefix-graphs", no_grad_batch=-1, compile_mode="reduce-overhead", description="prefix + graphs"),
     )
 }
 
@@ -133,11 +139,16 @@ class Bench:
     device: torch.device
     dtype: torch.dtype
     steps: int
+    model: object  # the pipeline's family (`alignprop.families`), holding the compiled denoiser while a variant runs
     forward_ms: dict[str, float] = field(default_factory=dict)  # cache: forward timing key -> ms
+    compiled: dict[str, torch.nn.Module] = field(default_factory=dict)  # compile mode -> compiled denoiser
 
-    @property
-    def model(self):
-        return family_of(self.pipeline)
+    def compiled_denoiser(self, mode: str) -> torch.nn.Module:
+        """One compiled denoiser per mode for the whole benchmark (compiled at its first call, in the warm-up)."""
+        if mode not in self.compiled:
+            self.model.compile_denoiser(mode)
+            self.compiled[mode] = self.model.compiled_denoiser
+        return self.compiled[mode]
 
     @property
     def unet(self):
@@ -153,7 +164,7 @@ def make_bench(args) -> Bench:
     pipeline = build_pipeline(args.arch, device, dtype)
     params = add_lora(family_of(pipeline).denoiser, rank=4, alpha=4, target_modules=LORA_TARGETS)
     reward = build_reward(ConfigDict({"reward_fn": args.reward}), device, dtype)
-    return Bench(pipeline, params, reward, device, dtype, args.steps)
+    return Bench(pipeline, params, reward, device, dtype, args.steps, family_of(pipeline))
 
 
 def truncation(strategy: str, steps: int) -> Truncation:
@@ -241,9 +252,11 @@ def variant_settings(bench: Bench, variant: Variant):
     if variant.channels_last:
         set_memory_format(bench.pipeline, torch.channels_last)
     torch.backends.cudnn.benchmark = variant.cudnn_benchmark
+    bench.model.compiled_denoiser = bench.compiled_denoiser(variant.compile_mode) if variant.compile_mode else None
     try:
         yield
     finally:
+        bench.model.compiled_denoiser = None
         torch.backends.cudnn.benchmark = False
         if variant.channels_last:
             set_memory_format(bench.pipeline, torch.contiguous_format)
@@ -271,7 +284,7 @@ def unet_forward_ms(bench: Bench, batch: int, variant: Variant, repeats: int) ->
             ("-native", variant.native_dtype),
             ("-cl", variant.channels_last),
             ("-cudnnbench", variant.cudnn_benchmark),
-            ("-fold", variant.fold_lora),
+            (f"-compile-{variant.compile_mode}", bool(variant.compile_mode)),
         )
         if on
     )
@@ -282,12 +295,32 @@ def unet_forward_ms(bench: Bench, batch: int, variant: Variant, repeats: int) ->
             options = SamplingOptions(1, GUIDANCE, grad_checkpoint=False, native_dtype=variant.native_dtype)
             guided_prediction(bench.model, latents, timestep, conditioning, options)
 
-        folded = FoldedLoRA(bench.unet).applied() if variant.fold_lora else contextlib.nullcontext()
-        with variant_settings(bench, variant), torch.no_grad(), bench.autocast(), folded:
+        with variant_settings(bench, variant), torch.no_grad(), bench.autocast():
             forward()  # warm-up: kernel selection, allocator
             times = [timed(bench.device, forward) for _ in range(repeats)]
         bench.forward_ms[key] = 1000 * statistics.median(times)
     return bench.forward_ms[key]
+
+
+def unet_forward_flops(bench: Bench, batch: int) -> float:
+    """FLOPs of one batched no-grad CFG denoiser forward (`torch.utils.flop_counter`: matmuls and convolutions)."""
+    latents, conditioning, timestep = batched_inputs(bench, batch)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), bench.autocast(), counter:
+        guided_prediction(bench.model, latents, timestep, conditioning, SamplingOptions(1, GUIDANCE))
+    return float(counter.get_total_flops())
+
+
+def add_flop_efficiency(rows: list[dict], bench: Bench, peak_tflops: float) -> None:
+    """The FLOP limit of each update (fe x forward FLOPs at `peak_tflops` dense throughput) and measured / limit."""
+    flops = {}
+    for row in rows:
+        if row["batch"] not in flops:
+            flops[row["batch"]] = unet_forward_flops(bench, row["batch"])
+        limit_ms = 1000 * row["forward_equivalents"] * flops[row["batch"]] / (peak_tflops * 1e12)
+        row["unet_forward_tflop"] = flops[row["batch"]] / 1e12
+        row["flop_limit_ms"] = limit_ms
+        row["flop_efficiency"] = row["step_ms_median"] / limit_ms  # 1.0: arithmetic-bound at peak throughput
 
 
 def forward_backward_fe(bench: Bench, batch: int, repeats: int) -> float:
@@ -322,34 +355,67 @@ def text_encode_ms(bench: Bench, batch: int, repeats: int) -> float:
 # --- one training step ---------------------------------------------------------------------------------
 
 
-def training_step(bench: Bench, variant: Variant, optimizer, plan, batch: int, seed: int) -> float:
-    """One full step (as Trainer.train_update with one micro-batch); returns the loss."""
+def micro_batch_inputs(bench: Bench, batch: int, seed: int):
+    """The prompts and starting latents of the micro-batch with this seed."""
     prompts = [PROMPTS[(seed + i) % len(PROMPTS)] for i in range(batch)]
-    model = bench.model
-    latents = initial_latents(batch, model, torch.Generator().manual_seed(seed), bench.device)
-    options = SamplingOptions(
-        len(plan),
+    return prompts, initial_latents(batch, bench.model, torch.Generator().manual_seed(seed), bench.device)
+
+
+def sampling_options(variant: Variant, steps: int) -> SamplingOptions:
+    return SamplingOptions(
+        steps,
         GUIDANCE,
         grad_checkpoint=variant.grad_checkpoint,
         decode_checkpoint=variant.decode_checkpoint,
         native_dtype=variant.native_dtype,
-        fold_lora=variant.fold_lora,
     )
+
+
+def advance_prefixes(bench: Bench, variant: Variant, inputs, plans) -> list[tuple[torch.Tensor, int]]:
+    """As `Trainer.advance_prefixes`: every sample's gradient-free prefix in no-grad chunks; (latents, start) each."""
+    prompts = [prompt for micro_prompts, _ in inputs for prompt in micro_prompts]
+    lengths = [prefix_length(plan) for (micro_prompts, _), plan in zip(inputs, plans) for _ in micro_prompts]
+    chunk = len(prompts) if variant.no_grad_batch < 0 else variant.no_grad_batch
+    options = sampling_options(variant, len(plans[0]))
     with bench.autocast():
-        conditioning = model.encode(prompts)
-        if variant.reference:
-            final = reference_sample(model, conditioning, latents, plan, GUIDANCE)
-        else:
-            final = sample(model, conditioning, latents, plan, options)
-        images = decode(model, final, None if variant.reference else options)
-        result = bench.reward.score(images, prompts)
-    loss = result.loss.float().mean()
-    if loss.requires_grad:  # False only when the plan kept no step
-        loss.backward()
+        conditioning = bench.model.encode(prompts)
+        latents = torch.cat([latents for _, latents in inputs])
+        advanced = run_prefixes(bench.model, conditioning, latents, lengths, options, chunk)
+    parts = advanced.split([len(micro_prompts) for micro_prompts, _ in inputs])
+    return [(part, prefix_length(plan)) for part, plan in zip(parts, plans)]
+
+
+def training_update(bench: Bench, variant: Variant, optimizer, plans, batch: int, seed: int) -> float:
+    """One full optimizer update of len(plans) micro-batches (as Trainer.train_update); returns the mean loss.
+    Micro-batch m draws its prompts and latents from seed + 7919 m (one micro-batch: today's training step)."""
+    model, accumulation = bench.model, len(plans)
+    inputs = [micro_batch_inputs(bench, batch, seed + 7919 * m) for m in range(accumulation)]
+    starts = [(latents, 0) for _, latents in inputs]
+    if variant.no_grad_batch:
+        starts = advance_prefixes(bench, variant, inputs, plans)
+    losses = []
+    for (prompts, _), (latents, start), plan in zip(inputs, starts, plans):
+        with bench.autocast():
+            conditioning = model.encode(prompts)
+            if variant.reference:
+                final = reference_sample(model, conditioning, latents, plan, GUIDANCE)
+            else:
+                final = sample(model, conditioning, latents, plan, sampling_options(variant, len(plan)), start=start)
+            images = decode(model, final, None if variant.reference else sampling_options(variant, len(plan)))
+            result = bench.reward.score(images, prompts)
+        loss = result.loss.float().mean()
+        if loss.requires_grad:  # False only when the plan kept no step
+            (loss / accumulation).backward()
+        losses.append(loss.item())
     torch.nn.utils.clip_grad_norm_(bench.params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return statistics.fmean(losses)
+
+
+def training_step(bench: Bench, variant: Variant, optimizer, plan, batch: int, seed: int) -> float:
+    """One full step (as Trainer.train_update with one micro-batch); returns the loss."""
+    return training_update(bench, variant, optimizer, [plan], batch, seed)
 
 
 @dataclass
@@ -366,14 +432,19 @@ class Record:
     fe: list[int] = field(default_factory=list)
     finite_loss: bool = True
     peak_is_per_step: bool = True
+    accumulation: int = 1  # micro-batches per timed update (1: a training step)
+    first_seconds: float = 0.0  # the first (warm-up) update: with compile_mode, compilation included
+    cpu_seconds: list[float] = field(default_factory=list)  # process CPU time (robust on shared cores, 1 thread)
 
-    def add(self, seconds: float, memory: PeakMemory, plan, variant: Variant, loss: float) -> None:
+    def add(self, seconds: float, memory: PeakMemory, plans, variant: Variant, loss: float, cpu: float = 0.0) -> None:
+        """One timed update of len(plans) micro-batches: kept steps per micro-batch, fe of the whole update."""
         self.seconds.append(seconds)
+        self.cpu_seconds.append(cpu)
         self.peak_bytes.append(memory.peak)
         self.added_bytes.append(memory.peak - memory.base)
         self.peak_is_per_step &= memory.isolated
-        self.kept.append(sum(plan))
-        self.fe.append(forward_equivalents(plan, variant.grad_checkpoint))
+        self.kept.append(statistics.fmean(sum(plan) for plan in plans))
+        self.fe.append(sum(forward_equivalents(plan, variant.grad_checkpoint) for plan in plans))
         self.finite_loss &= bool(torch.isfinite(torch.tensor(loss)))
 
     def summary(self, forward_ms: float) -> dict:
@@ -383,10 +454,14 @@ class Record:
             "strategy": self.strategy,
             "variant": self.variant,
             "batch": self.batch,
+            "accumulation": self.accumulation,
             "step_ms_median": 1000 * median,
             "step_ms_min": 1000 * min(self.seconds),
             "step_ms_max": 1000 * max(self.seconds),
             "step_ms_all": [1000 * s for s in self.seconds],
+            "first_ms": 1000 * self.first_seconds,  # warm-up update; minus the median: compile time (compile variants)
+            "cpu_ms_median": 1000 * statistics.median(self.cpu_seconds),  # CPU time of the process (all threads)
+            "cpu_ms_all": [1000 * s for s in self.cpu_seconds],
             "peak_mib": max(self.peak_bytes) / 2**20,
             "step_added_mib": max(self.added_bytes) / 2**20,  # peak minus what was in use before the step
             "peak_is_per_step": self.peak_is_per_step,  # False: CPU peak RSS of the whole process so far
@@ -398,30 +473,39 @@ class Record:
         }
 
 
-def measure_step(bench: Bench, variant: Variant, optimizer, plan, batch: int, seed: int):
-    """(seconds, PeakMemory, loss) of one training step."""
+def measure_step(bench: Bench, variant: Variant, optimizer, plans, batch: int, seed: int):
+    """(seconds, PeakMemory, loss, CPU seconds) of one training update of len(plans) micro-batches (1: a training
+    step). CPU seconds: the process's CPU time, which other jobs on shared cores do not inflate (1 torch thread)."""
     with variant_settings(bench, variant), PeakMemory(bench.device) as memory:
         synchronize(bench.device)
-        start = time.perf_counter()
-        loss = training_step(bench, variant, optimizer, plan, batch, seed)
+        start, cpu = time.perf_counter(), time.process_time()
+        loss = training_update(bench, variant, optimizer, plans, batch, seed)
         synchronize(bench.device)
-        seconds = time.perf_counter() - start
-    return seconds, memory, loss
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return seconds, memory, loss, cpu
 
 
 def run_variants(bench: Bench, run: Run, args) -> list[dict]:
-    """Warm-up + timed iterations, interleaved over variants, each iteration on its own shared plan."""
-    plans = draw_plans(run.strategy, bench.steps, args.warmup + args.iters, args.seed)
+    """Warm-up + timed iterations (updates of args.accumulation micro-batches), interleaved over variants, each
+    iteration on its own shared plans (one per micro-batch)."""
+    acc = args.accumulation
+    drawn = draw_plans(run.strategy, bench.steps, (args.warmup + args.iters) * acc, args.seed)
+    updates = [drawn[i : i + acc] for i in range(0, len(drawn), acc)]
     variants = [VARIANTS[name] for name in run.variants]
     optimizers = {v.name: torch.optim.AdamW(bench.params, lr=1e-4) for v in variants}
-    records = {v.name: Record(run.strategy, v.name, run.batch) for v in variants}
-    for iteration, plan in enumerate(plans):
+    records = {v.name: Record(run.strategy, v.name, run.batch, accumulation=acc) for v in variants}
+    for iteration, plans in enumerate(updates):
+        kept = [sum(plan) for plan in plans]
         for variant in variants:
             optimizer = optimizers[variant.name]
-            seconds, memory, loss = measure_step(bench, variant, optimizer, plan, run.batch, args.seed + iteration)
-            log(f"  {run.strategy}@{run.batch} {variant.name} #{iteration}: {1000 * seconds:.1f} ms, kept {sum(plan)}")
+            seed = args.seed + iteration
+            seconds, memory, loss, cpu = measure_step(bench, variant, optimizer, plans, run.batch, seed)
+            name = f"{run.strategy}@{run.batch}x{acc} {variant.name} #{iteration}"
+            log(f"  {name}: {1000 * seconds:.1f} ms (cpu {1000 * cpu:.1f} ms), kept {kept}")
+            if iteration == 0:
+                records[variant.name].first_seconds = seconds
             if iteration >= args.warmup:
-                records[variant.name].add(seconds, memory, plan, variant, loss)
+                records[variant.name].add(seconds, memory, plans, variant, loss, cpu)
     return [records[v.name].summary(unet_forward_ms(bench, run.batch, v, args.forward_repeats)) for v in variants]
 
 
@@ -430,10 +514,16 @@ def add_ratios(rows: list[dict]) -> None:
     reference = {}
     for row in rows:
         if row["variant"] == "reference":
-            reference.setdefault((row["strategy"], row["batch"]), row)
+            reference.setdefault((row["strategy"], row["batch"], row.get("accumulation", 1)), row)
     for row in rows:
-        base = reference.get((row["strategy"], row["batch"]))
+        base = reference.get((row["strategy"], row["batch"], row.get("accumulation", 1)))
         row["time_vs_reference"] = row["step_ms_median"] / base["step_ms_median"] if base else None
+        # each update against the reference's update on the same plans, timed right next to it (robust to load)
+        pairs = [ours / ref for ours, ref in zip(row["step_ms_all"], base["step_ms_all"])] if base else []
+        row["time_vs_reference_per_update"] = (
+            {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)} if pairs else None
+        )
+        row["cpu_vs_reference"] = row["cpu_ms_median"] / base["cpu_ms_median"] if base else None
         row["memory_vs_reference"] = row["peak_mib"] / base["peak_mib"] if base else None
 
 
@@ -482,19 +572,33 @@ def markdown_table(rows: list[dict], memory_label: str) -> str:
     def ratio(value):
         return "" if value is None else f"{value:.2f}x"
 
+    def per_update(value):
+        return "" if not value else f"{value['median']:.2f} ({value['min']:.2f}-{value['max']:.2f})"
+
     lines = [
         f"| strategy | batch | variant | step ms (median) | min-max | {memory_label} (+step) | kept | fe "
-        "| UNet fwd ms | efficiency | time vs ref | mem vs ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| UNet fwd ms | efficiency | time vs ref | per update vs ref (min-max) | mem vs ref | cpu ms (median) "
+        "| cpu vs ref | first ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        batch = f"{r['batch']}x{r['accumulation']}" if r.get("accumulation", 1) > 1 else r["batch"]  # x: per update
         lines.append(
-            f"| {r['strategy']} | {r['batch']} | {r['variant']} | {r['step_ms_median']:.1f} "
+            f"| {r['strategy']} | {batch} | {r['variant']} | {r['step_ms_median']:.1f} "
             f"| {r['step_ms_min']:.1f}-{r['step_ms_max']:.1f} | {r['peak_mib']:.0f} MiB (+{r['step_added_mib']:.0f}) "
             f"| {r['kept_steps_mean']:.1f} | {r['forward_equivalents']:.1f} | {r['unet_forward_ms']:.2f} "
-            f"| {r['efficiency']:.2f} | {ratio(r['time_vs_reference'])} | {ratio(r['memory_vs_reference'])} |"
+            f"| {r['efficiency']:.2f} | {ratio(r['time_vs_reference'])} "
+            f"| {per_update(r.get('time_vs_reference_per_update'))} | {ratio(r['memory_vs_reference'])} "
+            f"| {r.get('cpu_ms_median', 0):.1f} | {ratio(r.get('cpu_vs_reference'))} | {r.get('first_ms', 0):.0f} |"
         )
     return "\n".join(lines)
+
+
+def table_from_json(path: Path) -> str:
+    """The markdown table of a saved run (`--json`), as benchmarks/README.md shows it."""
+    report = json.loads(path.read_text())
+    cuda = "gpu" in report.get("machine", {})
+    return markdown_table(report["results"], "peak CUDA alloc" if cuda else "peak RSS")
 
 
 def parse_args(argv=None):
@@ -517,8 +621,21 @@ def parse_args(argv=None):
         help="explicit runs, in order (repeatable); replaces --strategies x --variants",
     )
     parser.add_argument("--iters", type=int, default=5, help="timed iterations per run and variant")
+    parser.add_argument(
+        "--accumulation",
+        type=int,
+        default=1,
+        help="micro-batches per timed iteration: >1 times whole optimizer updates (table batch 'BxA'), as needed "
+        "for the ours-prefix variants (train.no_grad_batch_size)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     parser.add_argument("--forward-repeats", type=int, default=10, help="timed batched UNet forwards")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="dense bf16 TFLOP/s of the device (H100/H200 SXM: 989): adds flop_limit_ms and flop_efficiency",
+    )
     parser.add_argument("--reward", choices=WEIGHT_FREE_REWARDS, default="colorfulness")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -528,6 +645,7 @@ def parse_args(argv=None):
         help="torch CPU threads (default on cpu: 1, the tiny model is overhead-bound and shared cores make "
         "more threads noisy; on cuda: torch's default)",
     )
+    parser.add_argument("--table-from", type=Path, default=None, help="print the table of a saved --json run and exit")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here (rewritten after each run)")
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -555,6 +673,9 @@ def runs_from_args(args) -> list[Run]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.table_from:
+        print(table_from_json(args.table_from))
+        return {}
     quiet_libraries()
     if args.threads or not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads or 1)
@@ -583,6 +704,8 @@ def main(argv=None) -> dict:
     for run in args.runs:
         report["results"] += run_variants(bench, run, args)
         add_ratios(report["results"])
+        if args.peak_tflops:
+            add_flop_efficiency(report["results"], bench, args.peak_tflops)
         report["unet_forward_ms"] = bench.forward_ms
         report["table"] = markdown_table(report["results"], memory_label)
         report["total_s"] = time.perf_counter() - started

@@ -18,6 +18,7 @@ PRESETS = (
     "evaluate",
     "evaluate_soup",
     "tiny",
+    "tiny_flow",
 )
 
 
@@ -152,9 +153,10 @@ def general():
     config.decode_checkpoint = False  # checkpoint the VAE decode too (benchmarks/README.md)
     # Run the frozen networks in their own bf16/fp16 with autocast off (LoRA maths stays fp32); less memory.
     config.native_dtype = False
-    # Experimental: fold the LoRA into the base weights for denoiser calls without gradient (fewer operator
-    # launches). Gradients unchanged; see benchmarks/README.md.
-    config.fold_lora = False
+    # torch.compile the denoiser for its calls without gradient (the steps before the first kept one, detached
+    # steps, evaluation): "off" | "default" | "reduce-overhead" (CUDA graphs) | "max-autotune-no-cudagraphs".
+    # Compiling takes minutes; it pays back over a run's thousands of calls (benchmarks/README.md).
+    config.compile_denoiser = "off"
     # --- gradient paths (alignprop/gradient_paths.py; README "Gradient paths") ---
     # "truncation" (AlignProp's, the settings above) | "refl" | "draft_lv" | "drtune" | "direct_align".
     config.gradient_path = "truncation"
@@ -164,6 +166,9 @@ def general():
     paths.drtune_train_steps = 5  # DRTune: K evenly spaced trained steps (interval steps // K, random offset)
     paths.direct_align_noise = (0.75, 0.96)  # Direct-Align: noise level ~ U(min, max), flow-matching scale (SRPO's)
     paths.direct_align_discount = (0.1, 0.25)  # loss weight at the range's low / high noise end (SRPO's discount_pos)
+    # Direct-Align's branches: "denoise" (SRPO's step down) | "inversion" (its step up, reward sign flipped) | "both".
+    paths.direct_align_branch = "denoise"
+    paths.direct_align_inversion_discount = (0.3, 0.01)  # the inversion branch's weights (SRPO's discount_inv)
     paths.direct_align_noise_source = "initial"  # "initial": the sample's starting noise (SRPO); "fresh": a new draw
     # The original's training noise: every evaluation reseeded the generator the training latents come from with
     # `seed`, so with vis_freq=1 every update after the first drew the same latents, on every process. Off: fresh
@@ -184,6 +189,10 @@ def general():
     pretrained.model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     pretrained.revision = "main"
     pretrained.vae = ""  # another VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
+    # With a single-file model (pretrained.model=/path/model.safetensors or .ckpt): the pipeline's layout (configs,
+    # tokenizer, scheduler) as a diffusers directory, a hub id or "tiny"; empty: diffusers guesses a hub repo from
+    # the file (offline only if that repo is cached). Its weight files are not read. README "Single-file checkpoints".
+    pretrained.config = ""
 
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 4
@@ -212,6 +221,10 @@ def general():
     train.batch_size_per_gpu_available = 4
     train.gradient_accumulation_steps = -1  # derived
     train.data_loader_iterations = -1  # derived
+    # Samples per no-grad denoiser call for the steps before each plan's first kept step, run for all the update's
+    # micro-batches together before the steps with gradient (alignprop/prefix.py; gradient_path="truncation", eta=0).
+    # 0: off (each micro-batch samples on its own). Same draws, plans and gradients either way.
+    train.no_grad_batch_size = 0
 
     # --- publishing ---
     # After training, the final LoRA with a model card (base model, reward, preset, updates, eval rewards, grid) goes
@@ -398,6 +411,28 @@ def tiny():
     config.train.total_samples_per_epoch = 16
     config.train.total_batch_size = 8
     config.train.batch_size_per_gpu_available = 4
+    return config
+
+
+def tiny_flow():
+    """CPU demo on the flow-matching toy model (SD3-style), no downloads, a few minutes: as `tiny`.
+
+    The shipped flow-matching toy model (assets/toyworld/flow_pipeline: an SD3 pipeline, MMDiT transformer, Euler
+    flow-matching sampler) is fine-tuned on the learned shape reward, with LoRA on the transformer's attention
+    (both streams, as the SD3 / FLUX presets).
+    """
+    config = tiny()
+    config.pretrained.model = "toyworld_flow"
+    config.eta = 0.0  # flow matching: the deterministic Euler step
+    config.steps = 10  # Euler steps (each transformer call sees 64 image + 272 context tokens: 10, not 20, for time)
+    # Guidance 1, as `tiny`: the flow model draws the requested shape ~63% of the time (67% at guidance 5).
+    config.sd_guidance_scale = 1.0
+    # As `tiny`: a random per-step cut in [0, 10]. (K=1 barely moves the shape here: at the last Euler step, sigma
+    # 0.1 -> 0, the shape is already decided.)
+    config.truncated_backprop_minmax = (0, 10)
+    config.trunc_backprop_timestep = 9  # with --config.truncated_backprop_rand=False: K=1
+    config.train.learning_rate = 3e-3  # 1e-3 (tiny's) moved the held-out shape accuracy by one image in 30
+    config.lora.target_modules = FLOW_LORA_TARGETS
     return config
 
 

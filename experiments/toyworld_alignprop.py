@@ -3,7 +3,8 @@
     .venv/bin/python -m experiments.toyworld_alignprop --threads 1 --out logs/toyworld/experiment
 
 Every fine-tuning run is the project's training loop (`alignprop.train.Trainer`) on the `tiny` preset (the
-CPU demo) with this script's arguments; each writes a normal run directory under OUT/runs/.
+CPU demo) with this script's arguments; each writes a normal run directory under OUT/runs/. `--preset tiny_flow`
+runs the same study on the flow-matching toy model (its preset's model, sampling steps and guidance).
 
 1. Fine-tunes LoRAs of the shipped toy pipeline on the *learned* shape reward with three truncation
    strategies (fixed K=1, per_step_uniform, full) and reports, before and after, the learned reward and
@@ -24,12 +25,12 @@ from ml_collections import ConfigDict
 
 from alignprop import models
 from alignprop import rewards as rewards_registry
+from alignprop.families import family_of
 from alignprop.jobs import shared_run_dir
 from alignprop.lora_files import read_lora
 from alignprop.presets import load_preset
 from alignprop.runtime import validate
 from alignprop.soup import Soup, SoupInputs
-from alignprop.toyworld import PIPELINE_DIR
 from alignprop.toyworld.captions import parse
 from alignprop.toyworld.control import generate, grade
 from alignprop.toyworld.figures import curves, image_grid, running_mean
@@ -45,21 +46,31 @@ CURVE_WINDOW = 5  # updates averaged in the curves (each point is one batch of 1
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("logs/toyworld/experiment"))
-    parser.add_argument("--model", default=str(PIPELINE_DIR))
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "tiny_flow"), help="the demo preset to start from")
+    parser.add_argument("--model", default=None, help="default: the preset's (the shipped toy model)")
     parser.add_argument("--updates", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps; default: the preset's (tiny: 20)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-rank", type=int, default=4)
-    # Classifier-free guidance off: with guidance 5 the shipped model already draws the right shape ~100% of
-    # the time; without it, ~83%, which leaves the learned shape reward something to fix.
-    parser.add_argument("--guidance", type=float, default=1.0)
+    # The preset's guidance (both demos: 1, classifier-free guidance off): with guidance 5 the shipped model already
+    # draws the right shape ~100% of the time; without it, ~83%, which leaves the learned shape reward something to fix.
+    parser.add_argument("--guidance", type=float, default=None, help="default: the preset's (tiny: 1)")
     parser.add_argument("--eval-repeats", type=int, default=2, help="evaluation images per caption")
     parser.add_argument("--area-target", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-soup", action="store_true")
-    return parser.parse_args(argv)
+    return with_preset_defaults(parser.parse_args(argv))
+
+
+def with_preset_defaults(args):
+    """Model, sampling steps and guidance not given: the preset's."""
+    preset = load_preset(args.preset)
+    args.model = args.model or preset.pretrained.model
+    args.steps = args.steps or preset.steps
+    args.guidance = preset.sd_guidance_scale if args.guidance is None else args.guidance
+    return args
 
 
 def build_reward(name: str, **options):
@@ -101,8 +112,8 @@ def evaluate_splits(pipeline, rewards, splits, args) -> tuple[dict, dict]:
 
 
 def training_config(args, label: str, reward_name: str, strategy: str) -> ConfigDict:
-    """The `tiny` preset (the CPU demo) with this experiment's settings: one epoch of `updates` updates."""
-    config = load_preset("tiny")
+    """The demo preset (`tiny` or `tiny_flow`) with this experiment's settings: one epoch of `updates` updates."""
+    config = load_preset(args.preset)
     config.pretrained.model = args.model
     config.logdir, config.run_name, config.seed = str(args.out / "runs"), label, args.seed
     config.reward_fn = reward_name
@@ -136,7 +147,7 @@ def soup_sweep(args, path_a: Path, path_b: Path, rewards, prompts) -> list[dict]
     """Parameter soup c*A + (1-c)*B (the original's mode) at each coefficient, on the training captions."""
     pipeline = models.load_pipeline(args.model)
     inputs = SoupInputs(read_lora(path_a), read_lora(path_b), "params", SOUP_COEFFICIENTS)
-    soup, rows = Soup(pipeline.unet, inputs), []
+    soup, rows = Soup(family_of(pipeline).denoiser, inputs), []
     for coefficient in SOUP_COEFFICIENTS:
         soup.set_coefficient(coefficient)
         summary, _ = measure(pipeline, rewards, prompts, args)

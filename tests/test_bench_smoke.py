@@ -1,6 +1,11 @@
 """The step benchmark runs end to end on the tiny model, so it cannot rot. Timings are never asserted."""
 
 import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
 
 from benchmarks import bench_step
 
@@ -19,7 +24,7 @@ def test_run_spec_parses_strategy_batch_and_variants():
 def test_benchmark_one_step_on_tiny(tiny_dir, tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--arch", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "0", "--iters", "1"]
-    argv += ["--forward-repeats", "1", "--threads", "1", "--json", str(out)]
+    argv += ["--forward-repeats", "1", "--threads", "1", "--json", str(out), "--peak-tflops", "0.001"]
     argv += ["--run", "fixed:ours,reference", "--run", "full@1:ours-no-ckpt"]
     report = bench_step.main(argv)
 
@@ -36,6 +41,29 @@ def test_benchmark_one_step_on_tiny(tiny_dir, tmp_path):
     for row in rows:
         assert row["finite_loss"] and row["step_ms_median"] > 0 and row["efficiency"] > 0 and row["peak_mib"] > 0
     assert "| fixed | 4 | ours |" in report["table"] and saved["table"] == report["table"]
+    # FLOP limit: fe forwards of the batch's FLOPs at the given peak; the tiny CFG forward is a few MFLOP
+    assert 0 < rows[0]["unet_forward_tflop"] < 1e-3 and rows[0]["flop_efficiency"] > 0
+    assert rows[0]["flop_limit_ms"] == pytest.approx(1000 * 6 * rows[0]["unet_forward_tflop"] / 0.001)
+
+
+def gpu_script_commands() -> list[list[str]]:
+    """The bench_step argument lists of benchmarks/gpu_sd15.sh (its `bench` array plus each call's arguments)."""
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sd15.sh").read_text()
+    text = text.replace("\\\n", " ")
+    base = shlex.split(re.search(r"bench=\((.*?)\)", text, re.S).group(1))[3:]  # after python3 -m benchmarks.bench_step
+    calls = re.findall(r'"\$\{bench\[@\]\}"(.*?)--json', text)
+    return [base + shlex.split(call) for call in calls]
+
+
+def test_the_gpu_script_names_only_known_variants_and_valid_arguments():
+    """The device window is too short to find a typo there: every bench call of gpu_sd15.sh parses here."""
+    commands = gpu_script_commands()
+    assert len(commands) >= 4
+    for argv in commands:
+        args = bench_step.parse_args(argv)
+        for run in bench_step.runs_from_args(args):
+            assert set(run.variants) <= set(bench_step.VARIANTS), run
+            assert run.strategy in bench_step.STRATEGIES
 
 
 def test_benchmark_runs_the_optimization_variants(tiny_dir):

@@ -74,6 +74,8 @@ UNKNOWN_KEYS = {
         "unknown config key 'rewards.hps.versoin'; did you mean 'rewards.hps.version'?"
     ),
     "--config.zzz=1": "unknown config key 'zzz'",
+    "--config.fold_lora=True": "config key 'fold_lora' was removed: it gave no measurable speed "
+    "(benchmarks/README.md); compile_denoiser is the faster switch",
 }
 
 

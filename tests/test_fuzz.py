@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_main import run_main  # noqa: E402
+from test_main import fork_main  # noqa: E402
 from test_schema import assert_cli_contract, assert_message_contract, override  # noqa: E402
 
 from alignprop import jobs, schema  # noqa: E402
@@ -198,7 +198,7 @@ def test_random_overrides_on_the_command_line(tmp_path):
         logdir = tmp_path / f"logs{index}"
         overrides = [f"--config.{key}={rng.choice(CLI_VALUES)}" for key in rng.sample(keys, rng.randint(1, 2))]
         base = ["--config", f"config/align_prop.py:{rng.choice(('tiny', 'evaluate'))}", f"--config.logdir={logdir}"]
-        result = run_main(*base, "--config.only_eval=True", "--config.resume_from=", *overrides)
+        result = fork_main(*base, "--config.only_eval=True", "--config.resume_from=", *overrides)
         try:
             assert_cli_contract(result, logdir)
         except AssertionError as problem:

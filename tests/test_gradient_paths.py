@@ -93,6 +93,16 @@ def naive_direct_align(model, conditioning, x, step, noise, weight):
     return [((stepped - (1 - a[step + 1]) ** 0.5 * noise) / a[step + 1] ** 0.5, weight)]
 
 
+def naive_direct_align_inversion(model, conditioning, x, step, noise, weight):
+    """SRPO's inversion branch on DDIM: noise injected at `step`'s level, the prediction there taken one DDIM step
+    *up* to the level of step - 1, the clean latents recovered there from the known noise."""
+    timesteps, a = alpha_bars(model)
+    clean = naive_chain(model, conditioning, x).detach()
+    noisy = a[step] ** 0.5 * clean + (1 - a[step]) ** 0.5 * noise
+    up = ddim(naive_eps(model, conditioning, noisy, timesteps[step]), a[step], a[step - 1], noisy)
+    return [((up - (1 - a[step - 1]) ** 0.5 * noise) / a[step - 1] ** 0.5, weight)]
+
+
 # --- running both --------------------------------------------------------------------------------------------
 
 
@@ -107,7 +117,7 @@ def grads_of(model, branches):
     params = lora_params(model.denoiser)
     for param in params.values():
         param.grad = None
-    loss = sum(weight * (decode(model, latents) - 0.3).square().mean() for latents, weight in branches)
+    loss = sum(branch[1] * (decode(model, branch[0]) - 0.3).square().mean() for branch in branches)
     loss.backward()
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
 
@@ -138,6 +148,59 @@ def test_lora_gradients_equal_the_naive_definition(model64, path):
     assert max(g.abs().max() for g in naive.values()) > 0, "no gradient: the comparison would prove nothing"
     errors = relative_errors(ours, naive)
     assert max(errors.values()) <= 1e-5, f"{path}: worst relative error {max(errors.values()):.2e}"
+
+
+@pytest.mark.parametrize("branch", ["inversion", "both"])
+def test_direct_align_inversion_branch_gradients_equal_the_naive_definition(model64, branch):
+    conditioning, latents, noises = inputs(model64)
+    level = model64.noise_level(model64.set_timesteps(STEPS, "cpu")[2])
+    ours = paths.direct_align(
+        model64, conditioning, latents, SamplingOptions(STEPS, GUIDANCE), level, noises[0], 0.3, None, branch, 0.7
+    )
+    naive = naive_direct_align_inversion(model64, conditioning, latents, 2, noises[0], 0.7)
+    if branch == "both":
+        naive = naive_direct_align(model64, conditioning, latents, 2, noises[0], 0.3) + naive
+    assert [branch.inverted for branch in ours.branches] == ([False, True] if branch == "both" else [True])
+    expected = grads_of(model64, naive)
+    errors = relative_errors(grads_of(model64, ours.branches), expected)
+    assert max(g.abs().max() for g in expected.values()) > 0
+    assert max(errors.values()) <= 1e-5, f"{branch}: worst relative error {max(errors.values()):.2e}"
+
+
+def test_the_inversion_branch_is_scored_with_the_reward_negated():
+    """SRPO swaps the relative reward's prompts there: threshold loss relu(t + r), gradient descent on r."""
+    reward = torch.tensor([0.2, 0.9], requires_grad=True)
+    result = RewardResult(loss=1 - reward, reward=reward.detach())
+    loss = shaped_loss(paths.negated(result), "threshold", 0.7)
+    loss.sum().backward()
+    assert torch.allclose(loss, torch.relu(0.7 + reward.detach()))
+    assert torch.equal(reward.grad, torch.ones(2))  # descent on r: d(relu(0.7 + r))/dr = 1
+
+
+def test_inversion_and_denoise_branches_push_the_lora_the_same_way():
+    """The inversion branch steps *up* (its recovered x0 moves with +v where the denoise branch's moves with -v)
+    and is scored negated, so on the (DDIM) tiny model its gradient points like the denoise branch's; without
+    the negation it would point the other way."""
+    model = float64_model_with_lora("tiny", TARGETS)
+    conditioning, latents, noises = inputs(model)
+    level, options = model.noise_level(model.set_timesteps(STEPS, "cpu")[3]), SamplingOptions(STEPS, GUIDANCE)
+
+    def flat_grads(branch, sign):
+        sample = paths.direct_align(model, conditioning, latents, options, level, noises[0], 1.0, None, branch, 1.0)
+        grads = grads_of(model, [(b.latents, sign) for b in sample.branches])
+        return torch.cat([g.flatten() for g in grads.values()])
+
+    denoise, inversion = flat_grads("denoise", 1.0), flat_grads("inversion", -1.0)
+    assert torch.nn.functional.cosine_similarity(denoise, inversion, dim=0) > 0.5
+
+
+def test_flow_inversion_never_steps_up_to_pure_noise(flow64):
+    conditioning, latents, noises = inputs(flow64)
+    timesteps = flow64.set_timesteps(STEPS, "cpu")
+    options = SamplingOptions(STEPS, GUIDANCE)
+    sample = paths.direct_align(flow64, conditioning, latents, options, 1.0, noises[0], 1.0, None, "inversion", 1.0)
+    assert sample.trained.index(True) == 2 and flow64.noise_level(timesteps[0]) == 1.0
+    assert torch.isfinite(sample.branches[0].latents).all()
 
 
 def test_drtune_detaches_the_input_rather_than_the_chain(model64):
@@ -281,15 +344,22 @@ def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_pa
 # --- flow matching (SD3): the same paths on the Euler step, x_sigma = sigma * noise + (1 - sigma) * x0 --------
 
 
-@pytest.fixture(scope="module")
-def sd3_64():
-    return float64_model_with_lora("tiny_sd3", TARGETS)
+@pytest.fixture(scope="module", params=["tiny_sd3", "tiny_flux"])
+def flow64(request):
+    return float64_model_with_lora(request.param, TARGETS)
+
+
+def naive_velocity(model, conditioning, x, t):
+    """SD3: classifier-free guidance from two calls; FLUX: one call, the guidance an input of the transformer."""
+    if model.guided(SamplingOptions(STEPS, GUIDANCE)):
+        return naive_eps(model, conditioning, x, t)
+    return model.predict(x, t, conditioning.kwargs("cond"))
 
 
 def naive_flow(model, conditioning, latents, noises, path):
     timesteps = model.set_timesteps(STEPS, "cpu")
     sigmas = [float(s) for s in model.scheduler.sigmas]
-    v = lambda x, i: naive_eps(model, conditioning, x, timesteps[i])  # noqa: E731 (the guided velocity)
+    v = lambda x, i: naive_velocity(model, conditioning, x, timesteps[i])  # noqa: E731
     euler = lambda x, i, velocity: x + (sigmas[i + 1] - sigmas[i]) * velocity  # noqa: E731
     x, keep = latents, {"draft_lv": {STEPS - 1}, "drtune": {1, 4}}.get(path, set())
     if path == "refl":
@@ -309,13 +379,16 @@ def naive_flow(model, conditioning, latents, noises, path):
             branches.append((euler(noisy, last, v(noisy, last)), 1.0))
         return branches
     noisy = sigmas[2] * noises[0] + (1 - sigmas[2]) * x.detach()
+    if path == "direct_align_inversion":  # SRPO's inversion: the Euler step up from sigma_2 to sigma_1
+        up = noisy + (sigmas[1] - sigmas[2]) * v(noisy, 2)
+        return [((up - sigmas[1] * noises[0]) / (1 - sigmas[1]), 0.3)]
     stepped = euler(noisy, 2, v(noisy, 2))
     return [((stepped - sigmas[3] * noises[0]) / (1 - sigmas[3]), 0.3)]
 
 
-@pytest.mark.parametrize("path", ["refl", "draft_lv", "drtune", "direct_align"])
-def test_flow_matching_gradients_equal_the_naive_definition(sd3_64, path):
-    model = sd3_64
+@pytest.mark.parametrize("path", ["refl", "draft_lv", "drtune", "direct_align", "direct_align_inversion"])
+def test_flow_matching_gradients_equal_the_naive_definition(flow64, path):
+    model = flow64
     conditioning, latents, noises = inputs(model)
     options = SamplingOptions(STEPS, GUIDANCE)
     if path == "refl":
@@ -326,7 +399,8 @@ def test_flow_matching_gradients_equal_the_naive_definition(sd3_64, path):
         ours = paths.drtune(model, conditioning, latents, options, (1, 4))
     else:
         level = model.noise_level(model.set_timesteps(STEPS, "cpu")[2])
-        ours = paths.direct_align(model, conditioning, latents, options, level, noises[0], 0.3)
+        branch = "inversion" if path == "direct_align_inversion" else "denoise"
+        ours = paths.direct_align(model, conditioning, latents, options, level, noises[0], 0.3, None, branch, 0.3)
     ours_grads = grads_of(model, ours.branches)
     naive = grads_of(model, naive_flow(model, conditioning, latents, noises, path))
     assert max(g.abs().max() for g in naive.values()) > 0

@@ -9,7 +9,6 @@ from gradient_checks import float64_model_with_lora, lora_grads, steps_receiving
 from alignprop import models
 from alignprop.errors import UserError
 from alignprop.families import family_of
-from alignprop.lora import FoldedLoRA
 from alignprop.reference import reference_sample
 from alignprop.sampling import SamplingOptions, decode, initial_latents, native_precision, sample
 from alignprop.truncation import Truncation, truncation_from_config
@@ -180,31 +179,6 @@ def test_auto_strategy_follows_the_original_flags(preset, flags, expected):
 
 
 # --- the switchable fast paths (benchmarks/) must not change what is computed ------------------------
-
-
-@pytest.mark.parametrize("keep_grad", [(False,) * 5 + (True,), (False, True, False, False, True, False)])
-def test_folded_lora_gives_the_reference_gradients(model64, keep_grad):
-    expected = lora_grads(model64, reference_sample, keep_grad)
-    folded = lora_grads(model64, sample, keep_grad, fold_lora=True)
-    for name, grad in expected.items():
-        assert grad.abs().max() > 0, name
-        torch.testing.assert_close(folded[name], grad, rtol=1e-9, atol=1e-12)
-
-
-def test_folded_lora_inference_matches_and_restores_the_weights(model64):
-    model, unet = model64, model64.denoiser
-    before = {n: (p, p.detach().clone()) for n, p in unet.named_parameters()}
-    conditioning = model.encode(["cat"])
-    latents = initial_latents(1, model, torch.Generator().manual_seed(0)).double()
-    with torch.no_grad():
-        plain = sample(model, conditioning, latents, (False,) * 4, SamplingOptions(4, 5.0))
-        folded = sample(model, conditioning, latents, (False,) * 4, SamplingOptions(4, 5.0, fold_lora=True))
-    torch.testing.assert_close(folded, plain, rtol=1e-10, atol=1e-12)
-    after = dict(unet.named_parameters())
-    for name, (param, value) in before.items():
-        assert after[name] is param and torch.equal(param, value), name
-    layers = FoldedLoRA(unet).layers
-    assert layers and not any(layer.disable_adapters for layer in layers)
 
 
 def test_native_dtype_turns_autocast_off_only_inside():

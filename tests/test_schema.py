@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # alignprop and tests/test_main.py, also when run as a script
 
-from test_main import BAD_FILES, BAD_INPUTS, assert_one_clear_line, run_main  # noqa: E402
+from test_main import BAD_FILES, BAD_INPUTS, assert_one_clear_line, fork_main  # noqa: E402
 
 from alignprop import jobs, schema  # noqa: E402
 from alignprop.errors import UserError  # noqa: E402
@@ -142,7 +142,7 @@ def test_bad_value_is_one_short_line_before_anything_is_written(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_bad_value_on_the_command_line(case, tmp_path):
     logdir = tmp_path / "logs"
-    result = run_main("--config", "config/align_prop.py:tiny", f"--config.logdir={logdir}", *CLI_CASES[case])
+    result = fork_main("--config", "config/align_prop.py:tiny", f"--config.logdir={logdir}", *CLI_CASES[case])
     fragment = BAD_VALUES[case][1].replace("1000000", "100000")
     assert_cli_contract(result, logdir, fragment)
 

@@ -5,11 +5,13 @@ Other families (`alignprop.families.sdxl`, ...) subclass `Family` and override w
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from alignprop.cache import cache_root
 from alignprop.conditioning import Conditioning
 from alignprop.errors import UserError, excerpt
 
@@ -28,10 +30,27 @@ class Family:
     def __init__(self, pipeline):
         self.pipeline = pipeline
         self.prompt_cache: dict[str, Conditioning] | None = None  # set by `offload_text_encoders`
+        self.compiled_denoiser: torch.nn.Module | None = None  # set by `compile_denoiser`
 
     @property
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def denoiser_call(self) -> torch.nn.Module:
+        """What runs a denoiser call: the compiled denoiser for a call without autograd (`compile_denoiser`),
+        else the denoiser itself (calls that keep their gradient are never compiled)."""
+        if self.compiled_denoiser is not None and not torch.is_grad_enabled():
+            return self.compiled_denoiser
+        return self.denoiser
+
+    def compile_denoiser(self, mode: str) -> None:
+        """`torch.compile` the denoiser for the calls without gradient (the no-grad prefix, the detached steps,
+        evaluation). Lazy: it compiles on the first such call, so a LoRA added afterwards is part of the graph.
+        The LoRA weights are graph inputs, read at every call, so optimizer updates in place need no recompile
+        (with mode="reduce-overhead" on CUDA, the captured graphs read them from their fixed addresses)."""
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+        self.compiled_denoiser = torch.compile(self.denoiser, mode=None if mode == "default" else mode)
 
     @property
     def scheduler(self):
@@ -63,7 +82,7 @@ class Family:
         return Conditioning(cond=wrap(cond), uncond=wrap(uncond), batch_size=len(prompts))
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        return self.denoiser(latents, timestep, **kwargs).sample
+        return self.denoiser_call(latents, timestep, **kwargs).sample
 
     def conditioning(self, prompts: list[str], guided: bool = True) -> Conditioning:
         """`encode`, or the cached encodings once the text encoders are offloaded."""
@@ -134,6 +153,17 @@ class Family:
         `noise`: (x - sqrt(1 - a') noise) / sqrt(a'), the forward process solved for x0 (Direct-Align)."""
         alpha_bar = self._alpha_bar_after_step(timestep).to(latents.dtype)
         return (latents - (1 - alpha_bar) ** 0.5 * noise) / alpha_bar**0.5
+
+    def clean_at(self, latents, noise, timestep):
+        """The clean latents that `latents`, at `timestep`'s level, hold with the known `noise` (Direct-Align's
+        inversion branch)."""
+        alpha_bar = self._alpha_bar(timestep).to(latents.dtype)
+        return (latents - (1 - alpha_bar) ** 0.5 * noise) / alpha_bar**0.5
+
+    def implied_noise(self, clean, timestep, latents):
+        """The noise that `latents` at `timestep`'s level hold if `clean` is their clean part (DDIM's epsilon)."""
+        alpha_bar = self._alpha_bar(timestep).to(latents.dtype)
+        return (latents - alpha_bar**0.5 * clean) / (1 - alpha_bar) ** 0.5
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         """The shape of the Gaussian noise that starts sampling (as the stock pipeline draws it)."""

@@ -97,7 +97,7 @@ class Flux(FlowMatching):
         if self.has_guidance_embedding:
             guidance = torch.full([1], self.guidance_scale, device=latents.device, dtype=torch.float32).expand(batch)
         timestep = timestep.expand(batch).to(latents.dtype)
-        return self.denoiser(
+        return self.denoiser_call(
             hidden_states=latents, timestep=timestep / 1000, guidance=guidance, return_dict=False, **kwargs
         )[0]
 

@@ -107,6 +107,14 @@ class FlowMatching(Family):
         sigma = self._sigma(timestep, after_step=True).to(latents.dtype)
         return (latents - sigma * noise) / (1 - sigma)
 
+    def clean_at(self, latents, noise, timestep):
+        sigma = self._sigma(timestep).to(latents.dtype)
+        return (latents - sigma * noise) / (1 - sigma)
+
+    def implied_noise(self, clean, timestep, latents):
+        sigma = self._sigma(timestep).to(latents.dtype)
+        return (latents - (1 - sigma) * clean) / sigma
+
 
 class StableDiffusion3(FlowMatching):
     """SD3 / SD3.5: MMDiT transformer on 16-channel latents; CLIP-L + OpenCLIP-G + T5 prompts; CFG."""
@@ -135,7 +143,7 @@ class StableDiffusion3(FlowMatching):
 
     def predict(self, latents: torch.Tensor, timestep: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The transformer call of `StableDiffusion3Pipeline.__call__`: the timestep expanded to the batch."""
-        return self.denoiser(
+        return self.denoiser_call(
             hidden_states=latents, timestep=timestep.expand(latents.shape[0]), return_dict=False, **kwargs
         )[0]
 

@@ -5,7 +5,8 @@ RGB, captioned "a red circle on a blue background". Everything here is built by 
 
 - `world`, `render`, `captions`, `vocab`: the scenes, their pixels, their captions and the tokenizer;
 - `components`, `data`, `train_vae`, `train_unet`: the Stable Diffusion components and the scripts that
-  train them; `build` runs every training script in order; the results ship in assets/toyworld/;
+  train them; `components_flow`, `train_flow`: the flow-matching edition (an SD3 pipeline on the same VAE and
+  captions); `build` runs every training script in order; the results ship in assets/toyworld/;
 - `checker`: a non-differentiable ground-truth judge of generated images;
 - `classifier`, `augment`, `train_classifier`, `rewards`: differentiable rewards (colour, a learned shape
   reward, area and position), each with a ground-truth counterpart in the checker;
@@ -17,6 +18,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent.parent.parent / "assets" / "toyworld"
 PIPELINE_DIR = ASSETS / "pipeline"
+FLOW_PIPELINE_DIR = ASSETS / "flow_pipeline"  # the flow-matching (SD3-style) edition
 CLASSIFIER_FILE = ASSETS / "classifier" / "shape_classifier.safetensors"
 PROMPTS_DIR = ASSETS / "prompts"
 
@@ -24,3 +26,8 @@ PROMPTS_DIR = ASSETS / "prompts"
 def pipeline_dir() -> Path:
     """The shipped toy pipeline's directory (for `alignprop.models.SHORT_NAMES`)."""
     return PIPELINE_DIR
+
+
+def flow_pipeline_dir() -> Path:
+    """The shipped flow-matching toy pipeline's directory (short name `toyworld_flow`)."""
+    return FLOW_PIPELINE_DIR

@@ -1,0 +1,97 @@
+"""The gradient-free prefix of a training update, run at a large batch (`train.no_grad_batch_size`).
+
+Before a truncation plan's first kept step nothing requires grad (`alignprop.sampling`), so those steps need no
+activations and can run at a much larger batch than `train.batch_size_per_gpu_available`, which is sized for the
+steps with gradient. With `train.no_grad_batch_size` set, `Trainer.micro_batches` draws every micro-batch of an
+update first, advances every sample through its own prefix here, and hands each micro-batch on at its first kept
+step (`MicroBatch.start`); `sample` runs the rest, with gradient, on the same schedule.
+
+- The prefix of a micro-batch is its plan's steps [0, first kept step) (all of them when no step keeps its
+  gradient); per_step_uniform included: its plan is drawn as before, once per micro-batch.
+- Grouping: the samples sorted by prefix length, longest first, so the ones still inside their prefix at step t are
+  the first n_t of that order; step t advances them in consecutive chunks of at most `no_grad_batch_size`.
+- Random streams: prompts, latents and plans are separate generators, and nothing else draws from them between the
+  micro-batches of an update when eta = 0 (DDIM noise is the only other use of the latents stream; eta > 0 is
+  refused by `check`), so drawing all micro-batches first leaves every stream's sequence, every plan and every
+  checkpoint as before. Only the batch composition of the no-grad denoiser calls changes (float rounding).
+- Other gradient paths (refl, draft_lv, ...) draw their random choices inside the sampling pass and have their own
+  prefix structure: refused by `check`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from alignprop.conditioning import Conditioning, Kwargs
+from alignprop.errors import UserError
+from alignprop.sampling import SamplingOptions, guided_prediction
+
+
+def check(config) -> None:
+    """One UserError line for a `train.no_grad_batch_size` the run cannot honour exactly."""
+    size = config.train.get("no_grad_batch_size", 0)
+    if not size:
+        return
+    if config.gradient_path != "truncation":
+        raise UserError(
+            f"train.no_grad_batch_size={size} applies to gradient_path='truncation' only "
+            f"(got gradient_path={config.gradient_path!r}): set train.no_grad_batch_size=0"
+        )
+    if config.eta != 0:
+        raise UserError(
+            f"train.no_grad_batch_size={size} needs eta=0 (DDIM noise with eta={config.eta:g} would be drawn in "
+            "another order): set train.no_grad_batch_size=0 or eta=0"
+        )
+
+
+def prefix_length(keep_grad: Sequence[bool]) -> int:
+    """Steps before the first one that keeps its gradient (all of them when none does)."""
+    return next((step for step, keep in enumerate(keep_grad) if keep), len(keep_grad))
+
+
+def _rows(tree: Kwargs, index: torch.Tensor | slice) -> Kwargs:
+    return {
+        key: _rows(value, index)
+        if isinstance(value, dict)
+        else value[index.to(value.device) if isinstance(index, torch.Tensor) else index]
+        for key, value in tree.items()
+    }
+
+
+def rows(conditioning: Conditioning, index: torch.Tensor | slice) -> Conditioning:
+    """The samples `index` (a tensor of indices, or a slice: then views) of a batch's conditioning."""
+    size = len(range(conditioning.batch_size)[index]) if isinstance(index, slice) else len(index)
+    uncond = None if conditioning.uncond is None else _rows(conditioning.uncond, index)
+    return Conditioning(_rows(conditioning.cond, index), uncond, conditioning.shared, size)
+
+
+@torch.no_grad()
+def run_prefixes(
+    model,
+    conditioning: Conditioning,
+    latents: torch.Tensor,
+    lengths: Sequence[int],
+    options: SamplingOptions,
+    chunk: int,
+) -> torch.Tensor:
+    """Advance sample i of `latents` through the first lengths[i] steps of the `options.steps`-step schedule,
+    without gradient, at most `chunk` samples per denoiser call; returns every sample's latents at its own step."""
+    if options.eta != 0:
+        raise UserError("the no-grad prefix needs eta=0 (train.no_grad_batch_size)")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the drawing order
+    index = torch.tensor(order, dtype=torch.long)
+    current = latents[index.to(latents.device)]  # a copy, advanced in place
+    conditioning = rows(conditioning, index)
+    longest = [lengths[i] for i in order]
+    timesteps = model.set_timesteps(options.steps, latents.device)
+    for step in range(longest[0] if longest else 0):
+        active = sum(length > step for length in longest)
+        for first in range(0, active, chunk):
+            part = slice(first, min(first + chunk, active))
+            prediction = guided_prediction(model, current[part], timesteps[step], rows(conditioning, part), options)
+            current[part] = model.step(prediction, timesteps[step], current[part], eta=0.0)
+    advanced = torch.empty_like(current)
+    advanced[index.to(current.device)] = current
+    return advanced

@@ -1,0 +1,184 @@
+"""Train the toy world's flow-matching model (SD3-style MMDiT + two CLIP towers) and save the pipeline.
+
+    python -m alignprop.toyworld.train_flow            # assets/toyworld/flow_pipeline (VAE: logs/toyworld/vae
+                                                       # if built, else the shipped UNet pipeline's)
+
+Stable Diffusion 3's recipe at toy scale (Esser et al. 2024, "Scaling Rectified Flow Transformers"): rendered scenes
+are encoded once by the frozen toy VAE; with x_s = (1 - s) x0 + s noise, the transformer learns the velocity
+noise - x0 (plain MSE), s drawn from the logit-normal(0, 1) density, the paper's best-ranked sampler ("rf/lognorm(0.00,
+1.00)"), shifted by the scheduler's shift as diffusers' SD3 training scripts do (shift 1 here: none). The two
+text encoders learn at the same time; captions are dropped (replaced by the empty prompt, the pipeline's negative)
+10% of the time so classifier-free guidance works. An exponential moving average of the weights is what gets
+saved, in fp16 (text encoders in fp32, see train_unet.py). The final check measures prompt control with the
+project's sampler at guidance 1 and 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextModelWithProjection
+
+from alignprop import models
+from alignprop.toyworld import FLOW_PIPELINE_DIR, PIPELINE_DIR
+from alignprop.toyworld.components import build_tokenizer
+from alignprop.toyworld.components_flow import (
+    SHIFT,
+    TRANSFORMER,
+    assemble_flow,
+    build_text_encoder,
+    build_transformer,
+    collapse_padding,
+    encode_ids,
+    restore_attention,
+)
+from alignprop.toyworld.control import STEPS, all_captions, prompt_control
+from alignprop.toyworld.data import RunLog, cosine_schedule, rendered_dataset, set_threads
+from alignprop.toyworld.train_unet import EMA, encode_latents, token_ids
+
+CONTROL_SEED = 1234  # latents of the final prompt-control measurement (as train_unet.py)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", type=Path, default=None, help="default: logs/toyworld/vae if built, else shipped")
+    parser.add_argument("--out", type=Path, default=FLOW_PIPELINE_DIR)
+    parser.add_argument("--log", type=Path, default=Path("logs/toyworld/flow/train_log.jsonl"))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-images", type=int, default=32768)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=TRANSFORMER["layers"])
+    parser.add_argument("--heads", type=int, default=TRANSFORMER["heads"])
+    parser.add_argument("--head-dim", type=int, default=TRANSFORMER["head_dim"])
+    parser.add_argument("--patch-size", type=int, default=TRANSFORMER["patch_size"])
+    parser.add_argument("--shift", type=float, default=SHIFT, help="the schedule's shift (training and sampling)")
+    parser.add_argument(
+        "--init", type=Path, default=None, help="continue from this flow pipeline's transformer and text encoders"
+    )
+    parser.add_argument("--control-repeats", type=int, default=4, help="images per caption in the final check")
+    parser.add_argument("--control-guidance", type=float, nargs="+", default=[1.0, 5.0])
+    parser.add_argument("--control-steps", type=int, default=STEPS, help="sampling steps of the final check")
+    parser.add_argument("--control-only", action="store_true", help="no training: measure the pipeline at --out")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return parser.parse_args(argv)
+
+
+def default_vae() -> Path:
+    built = Path("logs/toyworld/vae")
+    return built if (built / "config.json").exists() else PIPELINE_DIR / "vae"
+
+
+def sample_sigmas(count: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal(0, 1) noise levels, shifted as `FlowMatchEulerDiscreteScheduler` shifts its sigmas."""
+    sigmas = torch.sigmoid(torch.randn(count, generator=generator))
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def initial_models(tokenizer, args):
+    """Fresh transformer and text encoders, or (for a second stage) those of a saved flow pipeline, in float32."""
+    if args.init is None:
+        transformer = build_transformer(args.layers, args.heads, args.head_dim, args.patch_size)
+        return transformer, torch.nn.ModuleList([build_text_encoder(tokenizer), build_text_encoder(tokenizer)])
+    transformer = SD3Transformer2DModel.from_pretrained(args.init / "transformer", torch_dtype=torch.float32)
+    encoders = [
+        CLIPTextModelWithProjection.from_pretrained(args.init / name, dtype=torch.float32)
+        for name in ("text_encoder", "text_encoder_2")
+    ]
+    if encoders[0].config.vocab_size != len(tokenizer):
+        raise ValueError(f"{args.init} was trained with another vocabulary ({encoders[0].config.vocab_size} tokens)")
+    return transformer.train(), torch.nn.ModuleList(encoders).train()
+
+
+def train(args) -> dict:
+    set_threads(args.threads)
+    log = RunLog(args.log)
+    device = torch.device(args.device)
+    vae = AutoencoderKL.from_pretrained(args.vae or default_vae(), torch_dtype=torch.float32)
+    vae = vae.requires_grad_(False).eval().to(device)
+    data = rendered_dataset(args.train_images, args.seed)
+    latents = encode_latents(vae, data.images.to(device))
+    tokenizer = build_tokenizer(args.log.parent / "tokenizer_files")
+    ids, empty = token_ids(tokenizer, data.captions).to(device), token_ids(tokenizer, [""]).to(device)
+    log.write(prepared=len(data), latent_std=latents.std().item())
+
+    torch.manual_seed(args.seed)
+    transformer, text_encoders = initial_models(tokenizer, args)
+    # The pipeline's 256 zero "T5" tokens, collapsed into one (exact; see components_flow).
+    modules = torch.nn.ModuleList([collapse_padding(transformer), text_encoders]).to(device)
+    log.write(parameters={"transformer": sum(p.numel() for p in transformer.parameters())})
+    ema = EMA(modules, args.ema_decay)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
+    schedule = cosine_schedule(optimizer, args.steps, warmup_steps=100)
+    generator = torch.Generator().manual_seed(args.seed)
+    for step in (progress := tqdm(range(1, args.steps + 1), desc="flow", mininterval=5)):
+        # All randomness from one CPU generator, so the draws do not depend on the device.
+        indices = torch.randint(len(data), (args.batch_size,), generator=generator).to(device)
+        dropped = (torch.rand(args.batch_size, generator=generator) < args.caption_dropout).to(device)
+        batch_ids = torch.where(dropped[:, None], empty, ids[indices])
+        clean = latents[indices]
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        sigmas = sample_sigmas(args.batch_size, args.shift, generator).to(device)
+        noisy = (1 - sigmas[:, None, None, None]) * clean + sigmas[:, None, None, None] * noise
+        context, pooled = encode_ids(text_encoders, batch_ids, padding=1)
+        prediction = transformer(
+            hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=context, pooled_projections=pooled
+        ).sample
+        loss = F.mse_loss(prediction, noise - clean)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        ema.update(modules, step)
+        if step % 100 == 0 or step == args.steps:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            log.write(step=step, loss=loss.item(), lr=schedule.get_last_lr()[0])
+
+    transformer, (text_encoder, text_encoder_2) = ema.average
+    restore_attention(transformer)
+    pipeline = assemble_flow(vae, text_encoder, text_encoder_2, tokenizer, transformer, args.shift)
+    pipeline = pipeline.to("cpu", torch.float16)
+    # Stored in fp32 (exactly the fp16 values): stock diffusers loads its own components as float32 but a
+    # transformers model in its stored dtype, and would then mix the two.
+    pipeline.text_encoder.to(torch.float32)
+    pipeline.text_encoder_2.to(torch.float32)
+    pipeline.text_encoder_3.to(torch.float32)
+    pipeline.save_pretrained(args.out)
+    train_seconds = log.elapsed()
+    control = measure(args)
+    log.write(done=True, train_seconds=train_seconds, prompt_control=control)
+    return control
+
+
+def measure(args) -> dict:
+    """Prompt control of what ships (the fp16 files, loaded by the project's loader) at each guidance scale:
+    every caption `control_repeats` times, image i from latent i of CONTROL_SEED."""
+    shipped = models.load_pipeline(str(args.out)).to(torch.device(args.device))
+    prompts = all_captions() * args.control_repeats
+    sampling = {"seed": CONTROL_SEED, "steps": args.control_steps}
+    return {
+        f"guidance_{guidance:g}": prompt_control(shipped, prompts, guidance=guidance, **sampling)
+        for guidance in args.control_guidance
+    }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.control_only:
+        set_threads(args.threads)
+    print(json.dumps(measure(args) if args.control_only else train(args), indent=2))
+
+
+if __name__ == "__main__":
+    main()
