@@ -22,11 +22,14 @@ def _concat(*trees: Kwargs) -> Kwargs:
     }
 
 
-def _sample(tree: Kwargs, index: int) -> Kwargs:
-    return {
-        key: _sample(value, index) if isinstance(value, dict) else value[index : index + 1]
-        for key, value in tree.items()
-    }
+def _rows(tree: Kwargs, index: torch.Tensor | slice) -> Kwargs:
+    """The samples `index` (a tensor of indices, or a slice: then views) of a keyword-argument tree."""
+    if isinstance(index, torch.Tensor):
+        return {
+            key: _rows(value, index) if isinstance(value, dict) else value[index.to(value.device)]
+            for key, value in tree.items()
+        }
+    return {key: _rows(value, index) if isinstance(value, dict) else value[index] for key, value in tree.items()}
 
 
 @dataclass
@@ -49,17 +52,15 @@ class Conditioning:
         """Keyword arguments for a single call on `which` in {"cond", "uncond"}."""
         return {**getattr(self, which), **self.shared}
 
+    def rows(self, index: torch.Tensor | slice) -> Conditioning:
+        """The samples `index` (a tensor of indices, or a slice: then views) of this batch."""
+        size = len(range(self.batch_size)[index]) if isinstance(index, slice) else len(index)
+        uncond = None if self.uncond is None else _rows(self.uncond, index)
+        return Conditioning(_rows(self.cond, index), uncond, self.shared, size)
+
     def samples(self) -> list[Conditioning]:
         """One conditioning per sample (for a prompt cache)."""
-        return [
-            Conditioning(
-                cond=_sample(self.cond, i),
-                uncond=None if self.uncond is None else _sample(self.uncond, i),
-                shared=self.shared,
-                batch_size=1,
-            )
-            for i in range(self.batch_size)
-        ]
+        return [self.rows(slice(i, i + 1)) for i in range(self.batch_size)]
 
     @classmethod
     def join(cls, parts: list[Conditioning], guided: bool) -> Conditioning:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from alignprop.conditioning import Conditioning, Kwargs
+from alignprop.conditioning import Conditioning
 from alignprop.errors import UserError
 from alignprop.sampling import SamplingOptions, guided_prediction
 
@@ -51,22 +51,6 @@ def prefix_length(keep_grad: Sequence[bool]) -> int:
     return next((step for step, keep in enumerate(keep_grad) if keep), len(keep_grad))
 
 
-def _rows(tree: Kwargs, index: torch.Tensor | slice) -> Kwargs:
-    return {
-        key: _rows(value, index)
-        if isinstance(value, dict)
-        else value[index.to(value.device) if isinstance(index, torch.Tensor) else index]
-        for key, value in tree.items()
-    }
-
-
-def rows(conditioning: Conditioning, index: torch.Tensor | slice) -> Conditioning:
-    """The samples `index` (a tensor of indices, or a slice: then views) of a batch's conditioning."""
-    size = len(range(conditioning.batch_size)[index]) if isinstance(index, slice) else len(index)
-    uncond = None if conditioning.uncond is None else _rows(conditioning.uncond, index)
-    return Conditioning(_rows(conditioning.cond, index), uncond, conditioning.shared, size)
-
-
 @torch.no_grad()
 def run_prefixes(
     model,
@@ -83,14 +67,14 @@ def run_prefixes(
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the drawing order
     index = torch.tensor(order, dtype=torch.long)
     current = latents[index.to(latents.device)]  # a copy, advanced in place
-    conditioning = rows(conditioning, index)
+    conditioning = conditioning.rows(index)
     longest = [lengths[i] for i in order]
     timesteps = model.set_timesteps(options.steps, latents.device)
     for step in range(longest[0] if longest else 0):
         active = sum(length > step for length in longest)
         for first in range(0, active, chunk):
             part = slice(first, min(first + chunk, active))
-            prediction = guided_prediction(model, current[part], timesteps[step], rows(conditioning, part), options)
+            prediction = guided_prediction(model, current[part], timesteps[step], conditioning.rows(part), options)
             current[part] = model.step(prediction, timesteps[step], current[part], eta=0.0)
     advanced = torch.empty_like(current)
     advanced[index.to(current.device)] = current

@@ -16,7 +16,7 @@ from small_runs import make_trainer, small_config
 from alignprop import checkpoint, models, prefix
 from alignprop.conditioning import Conditioning
 from alignprop.errors import UserError
-from alignprop.prefix import prefix_length, rows, run_prefixes
+from alignprop.prefix import prefix_length, run_prefixes
 from alignprop.rewards import RewardResult
 from alignprop.runtime import validate
 from alignprop.sampling import SamplingOptions, initial_latents, sample
@@ -137,12 +137,12 @@ def test_prefixes_are_grouped_by_length_and_chunked(monkeypatch):
     assert out.flatten().tolist() == lengths  # each sample advanced by its own prefix
     assert model.calls == [(4, [2, 3]), (4, [0, 4]), (3, [2, 3]), (3, [0]), (2, [2, 3])]
     assert prefix_length((False, False, True, False)) == 2 and prefix_length((False,) * 3) == 3
-    assert rows(conditioning, slice(1, 3)).cond["ids"].tolist() == [1, 2] and len(rows(conditioning, slice(1, 3))) == 2
+    assert conditioning.rows(slice(1, 3)).cond["ids"].tolist() == [1, 2] and len(conditioning.rows(slice(1, 3))) == 2
 
 
 def test_sample_from_a_start_step_continues_the_same_schedule():
     """`sample(..., start=k)` from the latents at step k ends where the whole chain ends (tiny SDXL: nested
-    conditioning through `rows`)."""
+    conditioning through `Conditioning.rows`)."""
     model = models.load_model("tiny_sdxl")
     options = SamplingOptions(STEPS, 3.0)
     prompts = ["cat", "a red dog", "bird"]
@@ -153,7 +153,7 @@ def test_sample_from_a_start_step_continues_the_same_schedule():
         lengths = [4, 1, 6]
         advanced = run_prefixes(model, conditioning, latents, lengths, options, chunk=2)
         for i, length in enumerate(lengths):
-            one = rows(conditioning, slice(i, i + 1))
+            one = conditioning.rows(slice(i, i + 1))
             final = sample(model, one, advanced[i : i + 1], (False,) * STEPS, options, start=length)
             torch.testing.assert_close(final, whole[i : i + 1], rtol=1e-5, atol=1e-5)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from alignprop.toyworld.vocab import MAX_LENGTH, write_tokenizer_files
 from alignprop.toyworld.world import IMAGE_SIZE
@@ -45,7 +45,10 @@ def build_tokenizer(directory: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(directory, model_max_length=MAX_LENGTH)
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def build_text_encoder(tokenizer: CLIPTokenizer, projection: bool = False):
+    """A 2-layer CLIP text tower of width TEXT_WIDTH over the toy vocabulary; `projection`: with the projected pooled
+    output (CLIPTextModelWithProjection, SD3's text-encoder slots)."""
+    extra = {"projection_dim": TEXT_WIDTH} if projection else {}
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_WIDTH,
@@ -56,8 +59,9 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
-    return CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def build_unet(

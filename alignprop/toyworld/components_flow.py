@@ -34,11 +34,11 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
 from alignprop.tiny_families import t5_tokenizer
+from alignprop.toyworld import components
 from alignprop.toyworld.components import LATENT_SIZE, TEXT_WIDTH
-from alignprop.toyworld.vocab import MAX_LENGTH
 
 # `StableDiffusion3Pipeline.encode_prompt`'s default max_sequence_length: the zero "T5" tokens without T5.
 T5_PADDING = 256
@@ -48,22 +48,10 @@ TRANSFORMER = {"layers": 4, "heads": 4, "head_dim": 24, "patch_size": 1}
 SHIFT = 1.0
 
 
-def build_text_encoder(tokenizer: CLIPTokenizer, width: int = TEXT_WIDTH) -> CLIPTextModelWithProjection:
-    """A 2-layer CLIP text tower with projection over the toy vocabulary. SD3 reads its penultimate layer's
-    hidden states (the first layer here) and the projected pooled output (the end-of-text token's)."""
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        projection_dim=width,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModelWithProjection(config)
+def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
+    """The UNet toy's 2-layer CLIP text tower, with projection. SD3 reads its penultimate layer's hidden states (the
+    first layer here) and the projected pooled output (the end-of-text token's)."""
+    return components.build_text_encoder(tokenizer, projection=True)
 
 
 def build_transformer(
