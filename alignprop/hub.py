@@ -62,6 +62,10 @@ def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, af
         ("learning rate", f"{config.train.learning_rate:g} ({config.train.lr_scheduler})"),
         ("seed", str(config.seed)),
     ]
+    tokens = config.pretrained.get("max_sequence_length", 0)
+    sample = [f"image = pipe(prompt, max_sequence_length={tokens}).images[0]  # as trained"] if tokens else []
+    if tokens:
+        rows.insert(-2, ("T5 prompt tokens", f"{tokens} (`max_sequence_length`)"))
     scores = [
         f"| {name} | {before[name]:.4g} | {after[name]:.4g} |"
         for name in after
@@ -98,6 +102,7 @@ def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, af
             "```python",
             *load,
             f'pipe.load_lora_weights("{repo_id(config, run_dir)}")',
+            *sample,
             "```",
             "",
         ]

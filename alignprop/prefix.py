@@ -62,8 +62,7 @@ def run_prefixes(
 ) -> torch.Tensor:
     """Advance sample i of `latents` through the first lengths[i] steps of the `options.steps`-step schedule,
     without gradient, at most `chunk` samples per denoiser call; returns every sample's latents at its own step."""
-    if options.eta != 0:
-        raise UserError("the no-grad prefix needs eta=0 (train.no_grad_batch_size)")
+    assert options.eta == 0, "the no-grad prefix runs eta=0 only (`check` refuses the rest before the run)"
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the drawing order
     index = torch.tensor(order, dtype=torch.long)
     current = latents[index.to(latents.device)]  # a copy, advanced in place

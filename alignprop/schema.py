@@ -277,6 +277,12 @@ def _preprocess_modes():
     return tuple(PREPROCESS_MODES)
 
 
+def _gradient_paths():
+    from alignprop import gradient_paths
+
+    return gradient_paths
+
+
 def _lr_schedulers():
     # diffusers.optimization's names except piecewise_constant (its step rules are a setting we do not expose);
     # cosine_with_restarts runs diffusers' default of one cycle, polynomial its default power 1.
@@ -381,8 +387,8 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "gradient_paths.drtune_train_steps": Int(1, 1000),
     "gradient_paths.direct_align_noise": Pair(Number(0, 1, low_open=True, high_open=True), ordered=True),
     "gradient_paths.direct_align_discount": Pair(Number(0, None)),
-    "gradient_paths.direct_align_noise_source": Text(choices=lambda: ("initial", "fresh")),
-    "gradient_paths.direct_align_branch": Text(choices=lambda: ("denoise", "inversion", "both")),
+    "gradient_paths.direct_align_noise_source": Text(choices=lambda: _gradient_paths().NOISE_SOURCES),
+    "gradient_paths.direct_align_branch": Text(choices=lambda: _gradient_paths().DIRECT_ALIGN_BRANCHES),
     "gradient_paths.direct_align_inversion_discount": Pair(Number(0, None)),
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),
@@ -393,6 +399,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "pretrained.model": Text(empty=False, note="a hub id, a local directory or file, or tiny / toyworld"),
     "pretrained.revision": Text(empty=False),
     "pretrained.vae": Text(note="empty, or a hub id / local directory of an AutoencoderKL"),
+    "pretrained.max_sequence_length": Int(0, 512, note="SD3 / FLUX T5 prompt tokens; 0: the pipeline's default"),
     "pretrained.config": Text(note="empty, or a single-file model's layout: a diffusers directory, hub id or tiny"),
     "lora.rank": Int(1, 1024),
     "lora.alpha": POSITIVE,

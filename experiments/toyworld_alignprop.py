@@ -70,7 +70,13 @@ def with_preset_defaults(args):
     args.model = args.model or preset.pretrained.model
     args.steps = args.steps or preset.steps
     args.guidance = preset.sd_guidance_scale if args.guidance is None else args.guidance
+    args.tokens = preset.pretrained.max_sequence_length
     return args
+
+
+def sampling(args) -> dict:
+    """`control.generate`'s sampling settings: the preset's (or the command line's)."""
+    return {"steps": args.steps, "guidance": args.guidance, "tokens": args.tokens}
 
 
 def build_reward(name: str, **options):
@@ -94,7 +100,7 @@ TRUNCATIONS = {"fixed K=1": "fixed", "per_step_uniform": "per_step_uniform", "fu
 
 def measure(pipeline, rewards: dict, prompts: list[str], args) -> tuple[dict, torch.Tensor]:
     """Checker accuracies and mean rewards on fixed latents; also returns the images."""
-    images = generate(pipeline, prompts, EVAL_SEED, steps=args.steps, guidance=args.guidance)
+    images = generate(pipeline, prompts, EVAL_SEED, **sampling(args))
     summary = {f"checker_{k}": v for k, v in grade(images, prompts).items()}
     with torch.no_grad():
         for name, reward in rewards.items():
@@ -220,7 +226,7 @@ def truncation_study(args, rewards, splits, results, grid_prompts, grid_rows) ->
         seconds = sum(r["seconds"] for r in records) / len(records)
         results["runs"][name] = {"after": after, "seconds_per_update": seconds, "records": records}
         print(f"{name}: {json.dumps(after)}", flush=True)
-        grid_rows.append((name, generate(pipeline, grid_prompts, EVAL_SEED, steps=args.steps, guidance=args.guidance)))
+        grid_rows.append((name, generate(pipeline, grid_prompts, EVAL_SEED, **sampling(args))))
         xs = [r["update"] for r in records]
         reward_curves[name] = (xs, running_mean([r["reward_mean"] for r in records], CURVE_WINDOW))
         checker_curves[name] = (xs, running_mean([r["checker_shape_mean"] for r in records], CURVE_WINDOW))
@@ -239,7 +245,7 @@ def rewards_study(args, rewards, splits, results, grid_prompts, grid_rows) -> di
         results["rewards"][name], _ = measure(pipeline, rewards, splits["train"] * args.eval_repeats, args)
         results["rewards_records"] = {**results.get("rewards_records", {}), name: records}
         label = f"{name.removeprefix('toyworld_')} reward"
-        grid_rows.append((label, generate(pipeline, grid_prompts, EVAL_SEED, steps=args.steps, guidance=args.guidance)))
+        grid_rows.append((label, generate(pipeline, grid_prompts, EVAL_SEED, **sampling(args))))
     return loras
 
 
@@ -266,7 +272,7 @@ def main(argv=None) -> dict:
     results = {"settings": vars(args) | {"out": str(args.out)}, "runs": {}}
     results["base"], _ = evaluate_splits(base, rewards, splits, args)
     print("base:", json.dumps(results["base"]), flush=True)
-    grid_rows = [("base", generate(base, grid_prompts, EVAL_SEED, steps=args.steps, guidance=args.guidance))]
+    grid_rows = [("base", generate(base, grid_prompts, EVAL_SEED, **sampling(args)))]
 
     loras = truncation_study(args, rewards, splits, results, grid_prompts, grid_rows)
     loras |= rewards_study(args, rewards, splits, results, grid_prompts, grid_rows)

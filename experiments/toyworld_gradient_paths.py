@@ -41,6 +41,7 @@ from experiments.toyworld_alignprop import (
     grid_title,
     measure,
     parse_args,
+    sampling,
     setup,
     train_lora,
 )
@@ -98,7 +99,7 @@ def grid_prompts(splits: dict) -> list[str]:
 
 
 def save_grid_row(pipeline, splits, args, path: Path) -> None:
-    images = generate(pipeline, grid_prompts(splits), EVAL_SEED, steps=args.steps, guidance=args.guidance)
+    images = generate(pipeline, grid_prompts(splits), EVAL_SEED, **sampling(args))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(images, path)
 
@@ -158,7 +159,7 @@ def main(argv=None) -> dict:
         if not own.table_only:
             # Steps and guidance: the model's preset's (the common parse filled them from `tiny`'s unless given).
             given = parse_args([*rest, "--preset", args.preset])
-            args.steps, args.guidance = given.steps, given.guidance
+            args.steps, args.guidance, args.tokens = given.steps, given.guidance, given.tokens
             run_model(args, own.rows)
         results[model] = gather(args.out)
     table = path_table(results)

@@ -35,11 +35,12 @@ PROMPTS = ["a red cat", "a dog on grass"]
 STEPS = 6
 
 
-def stock_images(pipeline, name, latents, steps=STEPS):
-    """The stock pipeline's `__call__` from the same starting latents, in [0, 1]."""
+def stock_images(pipeline, name, latents, steps=STEPS, **call):
+    """The stock pipeline's `__call__` from the same starting latents, in [0, 1]; `call`: more of its arguments."""
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE} if name.startswith("tiny_flux") else {}
+    guidance = GUIDANCE[name]
     out = pipeline(
-        PROMPTS, num_inference_steps=steps, guidance_scale=GUIDANCE[name], latents=latents, output_type="pt", **size
+        PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents, output_type="pt", **size, **call
     )
     return out.images
 
@@ -72,6 +73,29 @@ def test_no_grad_sampling_equals_the_stock_pipeline(name):
     stock = stock_images(model.pipeline, name, latents)
     assert ours.shape == stock.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert (ours - stock).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny_sd3", "tiny_flux"])
+def test_a_shorter_t5_prompt_is_the_stock_pipelines_max_sequence_length(name):
+    """pretrained.max_sequence_length: T5 encodes that many tokens, and the images are the stock pipeline's with
+    `max_sequence_length` (and differ from the default length's: the padding tokens are context)."""
+    model = models.load_model(name)
+    default_tokens = model.encode(PROMPTS, guided=False).cond["encoder_hidden_states"].shape[1]
+    latents = initial_latents(2, model, torch.Generator().manual_seed(5))
+    default_images = our_images(model, latents, GUIDANCE[name])
+    model.set_max_sequence_length(24)
+    tokens = model.encode(PROMPTS, guided=False).cond["encoder_hidden_states"].shape[1]
+    assert default_tokens - tokens == (512 if name == "tiny_flux" else 256) - 24
+    ours = our_images(model, latents, GUIDANCE[name])
+    stock = stock_images(model.pipeline, name, latents, max_sequence_length=24)
+    assert (ours - stock).abs().max() <= 1e-5
+    assert (ours - default_images).abs().max() > 1e-3
+
+
+def test_max_sequence_length_on_a_model_without_t5_is_one_clear_line(tiny_dir):
+    model = models.load_model(str(tiny_dir))
+    with pytest.raises(UserError, match=r"^pretrained.max_sequence_length=77 is the T5 .* leave it at 0$"):
+        model.set_max_sequence_length(77)
 
 
 @pytest.mark.parametrize("name", ["tiny_sd3", "tiny_flux"])

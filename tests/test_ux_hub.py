@@ -38,6 +38,15 @@ def test_model_card_says_what_was_trained_and_how_well(preset, finished_run):
         assert fragment in card, fragment
 
 
+def test_the_card_of_a_shorter_t5_prompt_says_how_to_sample_as_trained(preset, finished_run):
+    config = preset("tiny_flow")
+    config.pretrained.max_sequence_length = 32
+    card = hub.card_text(config, "config/align_prop.py:tiny_flow", finished_run, 40, BEFORE, AFTER)
+    assert "| T5 prompt tokens | 32 (`max_sequence_length`) |" in card
+    assert "image = pipe(prompt, max_sequence_length=32).images[0]" in card
+    assert "T5 prompt tokens" not in hub.card_text(preset("tiny"), "tiny", finished_run, 40, BEFORE, AFTER)
+
+
 def test_offline_writes_the_folder_and_says_so_in_one_line(preset, finished_run, monkeypatch):
     import huggingface_hub.constants
 

@@ -110,6 +110,13 @@ class Family:
     def check_options(self, options) -> None:
         """Refuse sampling options the family cannot honour (one line, before the run directory exists)."""
 
+    def set_max_sequence_length(self, tokens: int) -> None:
+        """`pretrained.max_sequence_length`: the T5 prompt length of the families that have T5 (SD3, FLUX)."""
+        raise UserError(
+            f"pretrained.max_sequence_length={tokens} is the T5 prompt length of SD3 / FLUX models; this is a "
+            f"{self.name} model without T5: leave it at 0"
+        )
+
     def guided(self, options) -> bool:
         """Whether sampling runs classifier-free guidance (one batched call over [uncond; cond]). At guidance 1,
         uncond + 1 * (cond - uncond) = cond: the unconditional half is skipped (as diffusers does)."""

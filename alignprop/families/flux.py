@@ -31,6 +31,7 @@ class Flux(FlowMatching):
     denoiser_name = "transformer"
     frozen_names = ("vae", "text_encoder", "text_encoder_2", "transformer")
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    max_sequence_length = 512  # FluxPipeline's default (FLUX.1-schnell was trained with 256)
 
     def __init__(self, pipeline):
         super().__init__(pipeline)
@@ -74,12 +75,16 @@ class Flux(FlowMatching):
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guided: bool = True) -> Conditioning:
-        """`FluxPipeline.encode_prompt` (CLIP pooled, T5 to 512 tokens as the pipeline's default) and the rotary
+        """`FluxPipeline.encode_prompt` (CLIP pooled, T5 to `max_sequence_length` tokens) and the rotary
         ids of text and image tokens. No unconditional branch (`guided` is ignored). dev's guidance is not part of
         the conditioning (prompts may be encoded once, before the options are known): `predict` adds it."""
         pipeline = self.pipeline
         embeds, pooled, text_ids = pipeline.encode_prompt(
-            prompts, None, device=pipeline.text_encoder.device, num_images_per_prompt=1, max_sequence_length=512
+            prompts,
+            None,
+            device=pipeline.text_encoder.device,
+            num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length,
         )
         height, width = self.latent_size
         image_ids = pipeline._prepare_latent_image_ids(

@@ -28,6 +28,7 @@ class FlowMatching(Family):
     # The image side in pixels; None: the model's own (see `image_size`). A number must be a multiple of
     # 2 x the VAE's downsampling (16 for SD3 and FLUX: the transformer patches / packs latents 2x2).
     resolution: int | None = None
+    max_sequence_length = 256  # T5 prompt tokens: the stock pipeline's default (`set_max_sequence_length`)
 
     @property
     def default_resolution(self) -> int:
@@ -52,6 +53,10 @@ class FlowMatching(Family):
             if module is not None:
                 module.requires_grad_(False).eval()
         self.pipeline.set_progress_bar_config(disable=True)
+
+    def set_max_sequence_length(self, tokens: int) -> None:
+        """The T5 prompt length `encode` asks for (both T5 families; the stock pipelines' `max_sequence_length`)."""
+        self.max_sequence_length = tokens
 
     def check_options(self, options) -> None:
         """Refuse sampling options that have no meaning for a flow-matching model (one line each)."""
@@ -127,11 +132,17 @@ class StableDiffusion3(FlowMatching):
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guided: bool = True) -> Conditioning:
-        """`StableDiffusion3Pipeline.encode_prompt` (T5 to 256 tokens, the pipeline's default; negatives: "")."""
+        """`StableDiffusion3Pipeline.encode_prompt` (T5 to `max_sequence_length` tokens; negatives: "")."""
         pipeline = self.pipeline
         device = pipeline.text_encoder.device
         cond, uncond, pooled, uncond_pooled = pipeline.encode_prompt(
-            prompts, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided
+            prompts,
+            None,
+            None,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            max_sequence_length=self.max_sequence_length,
         )
 
         def wrap(embeds, pooled_embeds):

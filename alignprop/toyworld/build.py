@@ -5,9 +5,10 @@
 1. the VAE (logs/toyworld/vae); 2. the UNet + text encoder from scratch, then a second stage on fresh
 scenes that starts from the first (assets/toyworld/pipeline); 3. the learned reward's shape classifier
 (assets/toyworld/classifier); 4. the prompt files of the train / held-out split (assets/toyworld/prompts);
-5. the flow-matching edition, an SD3 pipeline on the same VAE and captions, from scratch and then a second stage
-on fresh scenes, as the UNet (assets/toyworld/flow_pipeline).
-On a 2-core CPU shared with other work steps 1-4 took about an hour, step 5 about another (see
+5. the flow-matching edition, an SD3 pipeline on the same VAE and captions: from scratch, then three more stages on
+fresh scenes, each starting from the last (assets/toyworld/flow_pipeline). The first two saw SD3's 256 zero T5 tokens
+only; the last two a random number of them (1-256), so the model serves any `max_sequence_length`.
+On a 2-core CPU shared with other work steps 1-4 took about an hour, step 5 about two (see
 assets/toyworld/README.md); results match the shipped ones in accuracy, not bit for bit (thread counts and CPUs
 change floating-point sums).
 """
@@ -27,7 +28,8 @@ from alignprop.toyworld import (
 )
 
 STAGE_2_SEED = 5  # fresh scenes and noise for the second UNet stage (and the flow model's)
-FLOW_STAGE_2_STEPS = 2400
+# The flow model's stages after the first: (seed, steps, batch size, padding range) on top of train_flow's defaults.
+FLOW_STAGES = ((STAGE_2_SEED, 2400, 64, (256, 256)), (7, 4000, 64, (1, 256)), (11, 2500, 128, (1, 256)))
 
 
 def main(argv=None) -> None:
@@ -41,9 +43,12 @@ def main(argv=None) -> None:
     train_unet.main([*threads, "--init", str(PIPELINE_DIR), "--seed", str(STAGE_2_SEED), "--log", stage_2_log])
     train_classifier.main(threads)
     splits.write_prompt_files()
-    train_flow.main(threads)
-    flow_stage_2 = ["--init", str(FLOW_PIPELINE_DIR), "--seed", str(STAGE_2_SEED), "--steps", str(FLOW_STAGE_2_STEPS)]
-    train_flow.main([*threads, *flow_stage_2, "--log", "logs/toyworld/flow_stage2/train_log.jsonl"])
+    train_flow.main([*threads, "--padding", "256", "256"])
+    for stage, (seed, steps, batch_size, (fewest, most)) in enumerate(FLOW_STAGES, start=2):
+        log = f"logs/toyworld/flow_stage{stage}/train_log.jsonl"
+        arguments = ["--init", str(FLOW_PIPELINE_DIR), "--seed", str(seed), "--steps", str(steps), "--log", log]
+        arguments += ["--batch-size", str(batch_size), "--padding", str(fewest), str(most)]
+        train_flow.main([*threads, *arguments])
 
 
 if __name__ == "__main__":

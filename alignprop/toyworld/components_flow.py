@@ -23,8 +23,6 @@ training they collapse exactly into one token whose attention logit carries log(
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -137,11 +135,19 @@ def encode_ids(text_encoders, ids: torch.Tensor, padding: int = T5_PADDING):
 
 class CollapsedPaddingProcessor(JointAttnProcessor2_0):
     """`JointAttnProcessor2_0` where the last context token stands for `copies` identical tokens: its attention logit
-    gets log(copies), which is exactly the stock attention over the copies (same keys, same values)."""
+    gets log(copies), which is exactly the stock attention over the copies (same keys, same values). `copies` is one
+    count, or one per sample (a tensor (batch,)): training draws it, so the model serves any `max_sequence_length`."""
 
-    def __init__(self, copies: int = T5_PADDING):
+    def __init__(self, copies: int | torch.Tensor = T5_PADDING):
         super().__init__()
-        self.log_copies = math.log(copies)
+        self.copies = copies
+
+    def padding_bias(self, batch_size: int, keys: int, like: torch.Tensor) -> torch.Tensor:
+        """Additive attention mask (batch, 1, 1, keys): log(copies) on the last key, 0 elsewhere."""
+        copies = torch.as_tensor(self.copies, dtype=like.dtype, device=like.device).expand(batch_size)
+        bias = like.new_zeros(batch_size, 1, 1, keys)
+        bias[:, 0, 0, -1] = copies.log()
+        return bias
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         batch_size, image_tokens = hidden_states.shape[:2]
@@ -159,8 +165,7 @@ class CollapsedPaddingProcessor(JointAttnProcessor2_0):
             keys.append(norm_k(k) if norm_k is not None else k)
             values.append(v)
         query, key, value = torch.cat(queries, dim=2), torch.cat(keys, dim=2), torch.cat(values, dim=2)
-        bias = torch.zeros(1, key.shape[2], dtype=query.dtype, device=query.device)  # (queries, keys), broadcast
-        bias[:, -1] = self.log_copies
+        bias = self.padding_bias(batch_size, key.shape[2], query)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         image, context = out[:, :image_tokens], out[:, image_tokens:]
@@ -169,10 +174,12 @@ class CollapsedPaddingProcessor(JointAttnProcessor2_0):
         return attn.to_out[1](attn.to_out[0](image)), context
 
 
-def collapse_padding(transformer: SD3Transformer2DModel, copies: int = T5_PADDING) -> SD3Transformer2DModel:
-    """Train-time attention: the context's last token counts `copies` times (see `CollapsedPaddingProcessor`)."""
-    transformer.set_attn_processor(CollapsedPaddingProcessor(copies))
-    return transformer
+def collapse_padding(transformer: SD3Transformer2DModel, copies: int = T5_PADDING) -> CollapsedPaddingProcessor:
+    """Train-time attention: the context's last token counts `copies` times (see `CollapsedPaddingProcessor`). Returns
+    the processor, shared by every block: set its `copies` to change the count."""
+    processor = CollapsedPaddingProcessor(copies)
+    transformer.set_attn_processor(processor)
+    return processor
 
 
 def restore_attention(transformer: SD3Transformer2DModel) -> SD3Transformer2DModel:

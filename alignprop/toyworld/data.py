@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -48,6 +49,26 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2)."""
     mse = (reconstruction.clamp(-1, 1) - target).pow(2).mean().item()
     return 10 * math.log10(4 / max(mse, 1e-12))
+
+
+def denoiser_training_arguments(
+    description: str, out: Path, log: Path, steps: int, batch_size: int
+) -> argparse.ArgumentParser:
+    """The command line train_unet.py and train_flow.py share (their own defaults for the paths and the length)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--log", type=Path, default=log)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-images", type=int, default=32768)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--ema-decay", type=float, default=0.995)
+    parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--control-repeats", type=int, default=4, help="images per caption in the final check")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return parser
 
 
 def set_threads(threads: int | None) -> None:

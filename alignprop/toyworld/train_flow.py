@@ -15,8 +15,9 @@ project's sampler at guidance 1 and 5.
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from alignprop.toyworld import FLOW_PIPELINE_DIR, PIPELINE_DIR
 from alignprop.toyworld.components import build_tokenizer
 from alignprop.toyworld.components_flow import (
     SHIFT,
+    T5_PADDING,
     TRANSFORMER,
     assemble_flow,
     build_text_encoder,
@@ -39,38 +41,43 @@ from alignprop.toyworld.components_flow import (
     restore_attention,
 )
 from alignprop.toyworld.control import STEPS, all_captions, prompt_control
-from alignprop.toyworld.data import RunLog, cosine_schedule, rendered_dataset, set_threads
+from alignprop.toyworld.data import (
+    RunLog,
+    cosine_schedule,
+    denoiser_training_arguments,
+    rendered_dataset,
+    set_threads,
+)
 from alignprop.toyworld.train_unet import EMA, encode_latents, token_ids
 
 CONTROL_SEED = 1234  # latents of the final prompt-control measurement (as train_unet.py)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    log = Path("logs/toyworld/flow/train_log.jsonl")
+    parser = denoiser_training_arguments(__doc__, FLOW_PIPELINE_DIR, log, steps=3000, batch_size=64)
     parser.add_argument("--vae", type=Path, default=None, help="default: logs/toyworld/vae if built, else shipped")
-    parser.add_argument("--out", type=Path, default=FLOW_PIPELINE_DIR)
-    parser.add_argument("--log", type=Path, default=Path("logs/toyworld/flow/train_log.jsonl"))
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-images", type=int, default=32768)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--layers", type=int, default=TRANSFORMER["layers"])
     parser.add_argument("--heads", type=int, default=TRANSFORMER["heads"])
     parser.add_argument("--head-dim", type=int, default=TRANSFORMER["head_dim"])
     parser.add_argument("--patch-size", type=int, default=TRANSFORMER["patch_size"])
     parser.add_argument("--shift", type=float, default=SHIFT, help="the schedule's shift (training and sampling)")
+    parser.add_argument("--sigmas", choices=("lognorm", "uniform"), default="lognorm", help="noise-level density")
+    parser.add_argument(
+        "--padding",
+        type=int,
+        nargs=2,
+        default=(1, T5_PADDING),
+        metavar=("FEWEST", "MOST"),
+        help="zero T5 tokens per sample: log-uniform integers in [FEWEST, MOST]",
+    )
     parser.add_argument(
         "--init", type=Path, default=None, help="continue from this flow pipeline's transformer and text encoders"
     )
-    parser.add_argument("--control-repeats", type=int, default=4, help="images per caption in the final check")
     parser.add_argument("--control-guidance", type=float, nargs="+", default=[1.0, 5.0])
     parser.add_argument("--control-steps", type=int, default=STEPS, help="sampling steps of the final check")
     parser.add_argument("--control-only", action="store_true", help="no training: measure the pipeline at --out")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--control-tokens", type=int, default=0, help="T5 tokens of the check (0: the pipeline's 256)")
     return parser.parse_args(argv)
 
 
@@ -79,10 +86,21 @@ def default_vae() -> Path:
     return built if (built / "config.json").exists() else PIPELINE_DIR / "vae"
 
 
-def sample_sigmas(count: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """Logit-normal(0, 1) noise levels, shifted as `FlowMatchEulerDiscreteScheduler` shifts its sigmas."""
-    sigmas = torch.sigmoid(torch.randn(count, generator=generator))
+def sample_sigmas(count: int, shift: float, generator: torch.Generator, density: str = "lognorm") -> torch.Tensor:
+    """Noise levels from logit-normal(0, 1) or uniform, shifted as `FlowMatchEulerDiscreteScheduler` shifts its
+    sigmas."""
+    if density == "lognorm":
+        sigmas = torch.sigmoid(torch.randn(count, generator=generator))
+    else:
+        sigmas = torch.rand(count, generator=generator)
     return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def sample_padding(count: int, fewest: int, most: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero T5 tokens per sample, log-uniform integers in [fewest, most]: the model then serves any
+    `max_sequence_length` in that range (the count shifts the attention paid to the padding)."""
+    low, high = math.log(fewest), math.log(most + 1)
+    return torch.exp(low + torch.rand(count, generator=generator) * (high - low)).floor().clamp(fewest, most)
 
 
 def initial_models(tokenizer, args):
@@ -114,8 +132,9 @@ def train(args) -> dict:
 
     torch.manual_seed(args.seed)
     transformer, text_encoders = initial_models(tokenizer, args)
-    # The pipeline's 256 zero "T5" tokens, collapsed into one (exact; see components_flow).
-    modules = torch.nn.ModuleList([collapse_padding(transformer), text_encoders]).to(device)
+    # The pipeline's zero "T5" tokens, collapsed into one (exact; see components_flow).
+    padding = collapse_padding(transformer)
+    modules = torch.nn.ModuleList([transformer, text_encoders]).to(device)
     log.write(parameters={"transformer": sum(p.numel() for p in transformer.parameters())})
     ema = EMA(modules, args.ema_decay)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
@@ -128,7 +147,8 @@ def train(args) -> dict:
         batch_ids = torch.where(dropped[:, None], empty, ids[indices])
         clean = latents[indices]
         noise = torch.randn(clean.shape, generator=generator).to(device)
-        sigmas = sample_sigmas(args.batch_size, args.shift, generator).to(device)
+        sigmas = sample_sigmas(args.batch_size, args.shift, generator, args.sigmas).to(device)
+        padding.copies = sample_padding(args.batch_size, *args.padding, generator).to(device)
         noisy = (1 - sigmas[:, None, None, None]) * clean + sigmas[:, None, None, None] * noise
         context, pooled = encode_ids(text_encoders, batch_ids, padding=1)
         prediction = transformer(
@@ -163,14 +183,16 @@ def train(args) -> dict:
 
 def measure(args) -> dict:
     """Prompt control of what ships (the fp16 files, loaded by the project's loader) at each guidance scale:
-    every caption `control_repeats` times, image i from latent i of CONTROL_SEED."""
+    every caption `control_repeats` times, image i from latent i of CONTROL_SEED; with the seconds it took."""
     shipped = models.load_pipeline(str(args.out)).to(torch.device(args.device))
     prompts = all_captions() * args.control_repeats
-    sampling = {"seed": CONTROL_SEED, "steps": args.control_steps}
-    return {
-        f"guidance_{guidance:g}": prompt_control(shipped, prompts, guidance=guidance, **sampling)
-        for guidance in args.control_guidance
-    }
+    sampling = {"seed": CONTROL_SEED, "steps": args.control_steps, "tokens": args.control_tokens}
+    results = {}
+    for guidance in args.control_guidance:
+        started = time.perf_counter()
+        control = prompt_control(shipped, prompts, guidance=guidance, **sampling)
+        results[f"guidance_{guidance:g}"] = control | {"seconds": round(time.perf_counter() - started, 1)}
+    return results
 
 
 def main(argv=None) -> None:

@@ -12,7 +12,6 @@ exponential moving average of the weights is what gets saved, in fp16.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 from pathlib import Path
@@ -27,30 +26,25 @@ from alignprop import models
 from alignprop.toyworld import PIPELINE_DIR
 from alignprop.toyworld.components import assemble, build_text_encoder, build_tokenizer, build_unet, training_scheduler
 from alignprop.toyworld.control import all_captions, prompt_control
-from alignprop.toyworld.data import RunLog, cosine_schedule, rendered_dataset, set_threads
+from alignprop.toyworld.data import (
+    RunLog,
+    cosine_schedule,
+    denoiser_training_arguments,
+    rendered_dataset,
+    set_threads,
+)
 
 MIN_SNR_GAMMA = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence than plain MSE
 CONTROL_SEED = 1234  # latents of the final prompt-control measurement
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    log = Path("logs/toyworld/unet/train_log.jsonl")
+    parser = denoiser_training_arguments(__doc__, PIPELINE_DIR, log, steps=2400, batch_size=128)
     parser.add_argument("--vae", type=Path, default=Path("logs/toyworld/vae"))
-    parser.add_argument("--out", type=Path, default=PIPELINE_DIR)
-    parser.add_argument("--log", type=Path, default=Path("logs/toyworld/unet/train_log.jsonl"))
-    parser.add_argument("--steps", type=int, default=2400)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-images", type=int, default=32768)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--seed", type=int, default=2)
     parser.add_argument(
         "--init", type=Path, default=None, help="continue from this pipeline's UNet and text encoder (a second stage)"
     )
-    parser.add_argument("--control-repeats", type=int, default=4, help="images per caption in the final check")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return parser.parse_args(argv)
 
 
