@@ -48,6 +48,22 @@ def base_lines(config) -> tuple[list[str], str, list[str]]:
     return [], value, [f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_single_file("{base}"{where})']
 
 
+def sampler_row(config, run_dir: Path) -> str:
+    """The card's sampler: DDIM for a UNet LoRA, the flow-matching Euler step (no eta) for a transformer LoRA (SD3,
+    FLUX: diffusers saves their layers as `transformer.*`)."""
+    from safetensors import safe_open
+
+    from alignprop.lora_files import LORA_FILE_NAME
+
+    path, keys = run_dir / "lora" / LORA_FILE_NAME, []
+    if path.is_file():
+        with safe_open(path, "pt") as weights:
+            keys = list(weights.keys())
+    if any(key.startswith("transformer.") for key in keys):
+        return f"flow-matching Euler, {config.steps} steps, guidance {config.sd_guidance_scale:g}"
+    return f"DDIM, {config.steps} steps, eta {config.eta:g}, guidance {config.sd_guidance_scale:g}"
+
+
 def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, after: dict) -> str:
     """The model card: YAML metadata for the hub, then what was trained, how, and how well."""
     metadata, base, load = base_lines(config)
@@ -58,7 +74,7 @@ def card_text(config, preset: str, run_dir: Path, updates: int, before: dict, af
         ("optimizer updates", str(updates)),
         ("training prompts / evaluation prompts", f"`{config.prompt_fn}` / `{config.eval_prompt_fn}`"),
         ("LoRA", f"rank {config.lora.rank}, alpha {config.lora.alpha:g}, on {', '.join(config.lora.target_modules)}"),
-        ("sampler", f"DDIM, {config.steps} steps, eta {config.eta:g}, guidance {config.sd_guidance_scale:g}"),
+        ("sampler", sampler_row(config, run_dir)),
         ("learning rate", f"{config.train.learning_rate:g} ({config.train.lr_scheduler})"),
         ("seed", str(config.seed)),
     ]

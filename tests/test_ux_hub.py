@@ -5,6 +5,7 @@ import torch
 
 from alignprop import hub, schema
 from alignprop.errors import UserError
+from alignprop.lora_files import LORA_FILE_NAME
 
 BEFORE = {"reward_mean": 0.814, "reward_std": 0.2, "checker_shape_mean": 0.9}
 AFTER = {"reward_mean": 0.906, "reward_std": 0.1, "checker_shape_mean": 0.967}
@@ -17,7 +18,7 @@ def finished_run(tmp_path):
 
     run_dir = tmp_path / "logs" / "2026.01.01_demo"
     (run_dir / "lora").mkdir(parents=True)
-    save_file({"x": torch.zeros(1)}, run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    save_file({"unet.x.lora_A.weight": torch.zeros(1)}, run_dir / "lora" / LORA_FILE_NAME)
     (run_dir / "before_after.png").write_bytes(b"png")
     return run_dir
 
@@ -30,6 +31,7 @@ def test_model_card_says_what_was_trained_and_how_well(preset, finished_run):
         "`toyworld_shape`",
         "`config/align_prop.py:tiny`",
         "| optimizer updates | 40 |",
+        "| sampler | DDIM, 20 steps, eta 0, guidance 1 |",
         "| reward_mean | 0.814 | 0.906 |",
         "| checker_shape_mean | 0.9 | 0.967 |",
         "![before and after](before_after.png)",
@@ -38,10 +40,14 @@ def test_model_card_says_what_was_trained_and_how_well(preset, finished_run):
         assert fragment in card, fragment
 
 
-def test_the_card_of_a_shorter_t5_prompt_says_how_to_sample_as_trained(preset, finished_run):
+def test_the_card_of_a_flow_model_names_its_sampler_and_t5_length(preset, finished_run):
+    from safetensors.torch import save_file
+
+    save_file({"transformer.x.lora_A.weight": torch.zeros(1)}, finished_run / "lora" / LORA_FILE_NAME)
     config = preset("tiny_flow")
     config.pretrained.max_sequence_length = 32
     card = hub.card_text(config, "config/align_prop.py:tiny_flow", finished_run, 40, BEFORE, AFTER)
+    assert "| sampler | flow-matching Euler, 10 steps, guidance 1 |" in card
     assert "| T5 prompt tokens | 32 (`max_sequence_length`) |" in card
     assert "image = pipe(prompt, max_sequence_length=32).images[0]" in card
     assert "T5 prompt tokens" not in hub.card_text(preset("tiny"), "tiny", finished_run, 40, BEFORE, AFTER)
