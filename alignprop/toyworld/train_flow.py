@@ -43,12 +43,11 @@ from alignprop.toyworld.components_flow import (
 from alignprop.toyworld.control import STEPS, all_captions, prompt_control
 from alignprop.toyworld.data import (
     RunLog,
-    cosine_schedule,
     denoiser_training_arguments,
     rendered_dataset,
     set_threads,
 )
-from alignprop.toyworld.train_unet import EMA, encode_latents, token_ids
+from alignprop.toyworld.train_unet import Optimization, encode_latents, token_ids
 
 CONTROL_SEED = 1234  # latents of the final prompt-control measurement (as train_unet.py)
 
@@ -136,9 +135,7 @@ def train(args) -> dict:
     padding = collapse_padding(transformer)
     modules = torch.nn.ModuleList([transformer, text_encoders]).to(device)
     log.write(parameters={"transformer": sum(p.numel() for p in transformer.parameters())})
-    ema = EMA(modules, args.ema_decay)
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
-    schedule = cosine_schedule(optimizer, args.steps, warmup_steps=100)
+    optimization = Optimization(modules, args, log)
     generator = torch.Generator().manual_seed(args.seed)
     for step in (progress := tqdm(range(1, args.steps + 1), desc="flow", mininterval=5)):
         # All randomness from one CPU generator, so the draws do not depend on the device.
@@ -155,17 +152,9 @@ def train(args) -> dict:
             hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=context, pooled_projections=pooled
         ).sample
         loss = F.mse_loss(prediction, noise - clean)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        ema.update(modules, step)
-        if step % 100 == 0 or step == args.steps:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step=step, loss=loss.item(), lr=schedule.get_last_lr()[0])
+        optimization.update(loss, step, progress)
 
-    transformer, (text_encoder, text_encoder_2) = ema.average
+    transformer, (text_encoder, text_encoder_2) = optimization.average
     restore_attention(transformer)
     pipeline = assemble_flow(vae, text_encoder, text_encoder_2, tokenizer, transformer, args.shift)
     pipeline = pipeline.to("cpu", torch.float16)

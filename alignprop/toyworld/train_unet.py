@@ -81,6 +81,32 @@ class EMA:
             average.lerp_(current, 1 - decay)
 
 
+class Optimization:
+    """The update both denoiser trainings make: AdamW, linear warm-up then cosine decay, gradients clipped at norm 1,
+    an EMA of the weights (`average`: what gets saved), and the loss logged every 100 steps."""
+
+    def __init__(self, modules: torch.nn.Module, args, log: RunLog):
+        self.modules, self.log, self.total_steps = modules, log, args.steps
+        self.ema = EMA(modules, args.ema_decay)
+        self.optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
+        self.schedule = cosine_schedule(self.optimizer, args.steps, warmup_steps=100)
+
+    @property
+    def average(self) -> torch.nn.Module:
+        return self.ema.average
+
+    def update(self, loss: torch.Tensor, step: int, progress) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.modules.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        self.ema.update(self.modules, step)
+        if step % 100 == 0 or step == self.total_steps:
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            self.log.write(step=step, loss=loss.item(), lr=self.schedule.get_last_lr()[0])
+
+
 def initial_models(tokenizer, init: Path | None):
     """Fresh UNet and text encoder, or (for a second stage) those of a saved pipeline, in float32."""
     if init is None:
@@ -106,9 +132,7 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     unet, text_encoder = initial_models(tokenizer, args.init)
     modules = torch.nn.ModuleList([unet, text_encoder]).to(device)
-    ema = EMA(modules, args.ema_decay)
-    optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=1e-2)
-    schedule = cosine_schedule(optimizer, args.steps, warmup_steps=100)
+    optimization = Optimization(modules, args, log)
     scheduler = training_scheduler()
     generator = torch.Generator().manual_seed(args.seed)
     for step in (progress := tqdm(range(1, args.steps + 1), desc="unet", mininterval=5)):
@@ -124,17 +148,9 @@ def train(args) -> dict:
         prediction = unet(noisy, timesteps, encoder_hidden_states=text_encoder(batch_ids).last_hidden_state).sample
         per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        ema.update(modules, step)
-        if step % 100 == 0 or step == args.steps:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            log.write(step=step, loss=loss.item(), lr=schedule.get_last_lr()[0])
+        optimization.update(loss, step, progress)
 
-    unet, text_encoder = ema.average
+    unet, text_encoder = optimization.average
     pipeline = assemble(vae, text_encoder, tokenizer, unet).to("cpu", torch.float16)
     # Stored in fp32 (exactly the fp16 values): stock diffusers loads its own components as float32 but a
     # transformers model in its stored dtype, and would then mix the two.
