@@ -28,8 +28,12 @@ from alignprop.toyworld import (
 )
 
 STAGE_2_SEED = 5  # fresh scenes and noise for the second UNet stage (and the flow model's)
-# The flow model's stages after the first: (seed, steps, batch size, padding range) on top of train_flow's defaults.
-FLOW_STAGES = ((STAGE_2_SEED, 2400, 64, (256, 256)), (7, 4000, 64, (1, 256)), (11, 2500, 128, (1, 256)))
+# The flow model's stages after the first, each continuing from the last: train_flow arguments on top of its defaults.
+FLOW_STAGES = (
+    f"--seed {STAGE_2_SEED} --steps 2400 --padding 256 256",
+    "--seed 7 --steps 4000",
+    "--seed 11 --steps 2500 --batch-size 128",
+)
 
 
 def main(argv=None) -> None:
@@ -44,11 +48,9 @@ def main(argv=None) -> None:
     train_classifier.main(threads)
     splits.write_prompt_files()
     train_flow.main([*threads, "--padding", "256", "256"])
-    for stage, (seed, steps, batch_size, (fewest, most)) in enumerate(FLOW_STAGES, start=2):
+    for stage, arguments in enumerate(FLOW_STAGES, start=2):
         log = f"logs/toyworld/flow_stage{stage}/train_log.jsonl"
-        arguments = ["--init", str(FLOW_PIPELINE_DIR), "--seed", str(seed), "--steps", str(steps), "--log", log]
-        arguments += ["--batch-size", str(batch_size), "--padding", str(fewest), str(most)]
-        train_flow.main([*threads, *arguments])
+        train_flow.main([*threads, "--init", str(FLOW_PIPELINE_DIR), "--log", log, *arguments.split()])
 
 
 if __name__ == "__main__":

@@ -76,6 +76,25 @@ def build_transformer(
     )
 
 
+def deepen(transformer: SD3Transformer2DModel, extra_layers: int) -> SD3Transformer2DModel:
+    """The same function with `extra_layers` more joint blocks, inserted before the last one (which alone skips the
+    context update): each new block's adaLN-Zero modulations are zero, so its gates are zero and the block passes
+    both streams through unchanged, as DiT initialises its blocks (Peebles & Xie 2023). Training then grows them from
+    there: depth added to a trained model without losing what it draws."""
+    layers = transformer.config.num_layers
+    deeper = SD3Transformer2DModel.from_config({**transformer.config, "num_layers": layers + extra_layers})
+    for block in deeper.transformer_blocks[layers - 1 : layers - 1 + extra_layers]:
+        for modulation in (block.norm1.linear, block.norm1_context.linear):
+            torch.nn.init.zeros_(modulation.weight)
+            torch.nn.init.zeros_(modulation.bias)
+    state = deeper.state_dict()  # the inserted blocks as just initialised; everything else is overwritten
+    last, moved = f"transformer_blocks.{layers - 1}.", f"transformer_blocks.{layers - 1 + extra_layers}."
+    for name, tensor in transformer.state_dict().items():
+        state[moved + name.removeprefix(last) if name.startswith(last) else name] = tensor
+    deeper.load_state_dict(state, strict=True)
+    return deeper
+
+
 def flow_scheduler(shift: float = SHIFT) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 

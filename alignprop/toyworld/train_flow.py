@@ -37,6 +37,7 @@ from alignprop.toyworld.components_flow import (
     build_text_encoder,
     build_transformer,
     collapse_padding,
+    deepen,
     encode_ids,
     restore_attention,
 )
@@ -48,6 +49,7 @@ from alignprop.toyworld.data import (
     set_threads,
 )
 from alignprop.toyworld.train_unet import Optimization, encode_latents, token_ids
+from alignprop.toyworld.world import SHAPES
 
 CONTROL_SEED = 1234  # latents of the final prompt-control measurement (as train_unet.py)
 
@@ -71,13 +73,31 @@ def parse_args(argv=None):
         help="zero T5 tokens per sample: log-uniform integers in [FEWEST, MOST]",
     )
     parser.add_argument(
+        "--shape-weights",
+        type=float,
+        nargs=len(SHAPES),
+        default=(1.0,) * len(SHAPES),
+        metavar=tuple(s.upper() for s in SHAPES),
+        help="how often a scene of each shape is drawn, relative to the others (a late stage can favour the "
+        "shape the model draws worst)",
+    )
+    parser.add_argument(
         "--init", type=Path, default=None, help="continue from this flow pipeline's transformer and text encoders"
+    )
+    parser.add_argument(
+        "--add-layers",
+        type=int,
+        default=0,
+        help="with --init: insert this many pass-through joint blocks before the last (components_flow.deepen)",
     )
     parser.add_argument("--control-guidance", type=float, nargs="+", default=[1.0, 5.0])
     parser.add_argument("--control-steps", type=int, default=STEPS, help="sampling steps of the final check")
     parser.add_argument("--control-only", action="store_true", help="no training: measure the pipeline at --out")
     parser.add_argument("--control-tokens", type=int, default=0, help="T5 tokens of the check (0: the pipeline's 256)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.add_layers and args.init is None:
+        parser.error("--add-layers deepens a trained model: give it with --init")
+    return args
 
 
 def default_vae() -> Path:
@@ -102,12 +122,19 @@ def sample_padding(count: int, fewest: int, most: int, generator: torch.Generato
     return torch.exp(low + torch.rand(count, generator=generator) * (high - low)).floor().clamp(fewest, most)
 
 
+def shape_weights(data, weights) -> torch.Tensor:
+    """Each scene's chance of being drawn, from its shape's weight (all 1: uniform over the scenes)."""
+    of_shape = dict(zip(SHAPES, weights, strict=True))
+    return torch.tensor([of_shape[scene.shape] for scene in data.scenes], dtype=torch.float64)
+
+
 def initial_models(tokenizer, args):
     """Fresh transformer and text encoders, or (for a second stage) those of a saved flow pipeline, in float32."""
     if args.init is None:
         transformer = build_transformer(args.layers, args.heads, args.head_dim, args.patch_size)
         return transformer, torch.nn.ModuleList([build_text_encoder(tokenizer), build_text_encoder(tokenizer)])
     transformer = SD3Transformer2DModel.from_pretrained(args.init / "transformer", torch_dtype=torch.float32)
+    transformer = deepen(transformer, args.add_layers) if args.add_layers else transformer
     encoders = [
         CLIPTextModelWithProjection.from_pretrained(args.init / name, dtype=torch.float32)
         for name in ("text_encoder", "text_encoder_2")
@@ -129,6 +156,7 @@ def train(args) -> dict:
     ids, empty = token_ids(tokenizer, data.captions).to(device), token_ids(tokenizer, [""]).to(device)
     log.write(prepared=len(data), latent_std=latents.std().item())
 
+    scene_weights = shape_weights(data, args.shape_weights)
     torch.manual_seed(args.seed)
     transformer, text_encoders = initial_models(tokenizer, args)
     # The pipeline's zero "T5" tokens, collapsed into one (exact; see components_flow).
@@ -139,7 +167,7 @@ def train(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     for step in (progress := tqdm(range(1, args.steps + 1), desc="flow", mininterval=5)):
         # All randomness from one CPU generator, so the draws do not depend on the device.
-        indices = torch.randint(len(data), (args.batch_size,), generator=generator).to(device)
+        indices = torch.multinomial(scene_weights, args.batch_size, replacement=True, generator=generator).to(device)
         dropped = (torch.rand(args.batch_size, generator=generator) < args.caption_dropout).to(device)
         batch_ids = torch.where(dropped[:, None], empty, ids[indices])
         clean = latents[indices]
