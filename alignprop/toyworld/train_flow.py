@@ -128,6 +128,11 @@ def shape_weights(data, weights) -> torch.Tensor:
     return torch.tensor([of_shape[scene.shape] for scene in data.scenes], dtype=torch.float64)
 
 
+def draw_scenes(scene_weights: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `count` scenes, drawn with replacement in proportion to `scene_weights`."""
+    return torch.multinomial(scene_weights, count, replacement=True, generator=generator)
+
+
 def initial_models(tokenizer, args):
     """Fresh transformer and text encoders, or (for a second stage) those of a saved flow pipeline, in float32."""
     if args.init is None:
@@ -167,7 +172,7 @@ def train(args) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     for step in (progress := tqdm(range(1, args.steps + 1), desc="flow", mininterval=5)):
         # All randomness from one CPU generator, so the draws do not depend on the device.
-        indices = torch.multinomial(scene_weights, args.batch_size, replacement=True, generator=generator).to(device)
+        indices = draw_scenes(scene_weights, args.batch_size, generator).to(device)
         dropped = (torch.rand(args.batch_size, generator=generator) < args.caption_dropout).to(device)
         batch_ids = torch.where(dropped[:, None], empty, ids[indices])
         clean = latents[indices]

@@ -8,7 +8,7 @@ import torch
 from alignprop.toyworld.build import FLOW_STAGES
 from alignprop.toyworld.components_flow import build_transformer, deepen
 from alignprop.toyworld.data import Dataset
-from alignprop.toyworld.train_flow import parse_args, sample_padding, sample_sigmas, shape_weights
+from alignprop.toyworld.train_flow import draw_scenes, parse_args, sample_padding, sample_sigmas, shape_weights
 from alignprop.toyworld.world import random_scenes
 
 
@@ -19,7 +19,7 @@ def scenes_only(count: int) -> Dataset:
 
 def drawn_shapes(data: Dataset, weights, draws: int = 6000) -> dict[str, float]:
     generator = torch.Generator().manual_seed(0)
-    indices = torch.multinomial(shape_weights(data, weights), draws, replacement=True, generator=generator)
+    indices = draw_scenes(shape_weights(data, weights), draws, generator)
     shapes = [data.scenes[i].shape for i in indices.tolist()]
     return {shape: shapes.count(shape) / draws for shape in ("circle", "square", "triangle")}
 
