@@ -14,8 +14,9 @@ step (`MicroBatch.start`); `sample` runs the rest, with gradient, on the same sc
   micro-batches of an update when eta = 0 (DDIM noise is the only other use of the latents stream; eta > 0 is
   refused by `check`), so drawing all micro-batches first leaves every stream's sequence, every plan and every
   checkpoint as before. Only the batch composition of the no-grad denoiser calls changes (float rounding).
-- Other gradient paths (refl, draft_lv, ...) draw their random choices inside the sampling pass and have their own
-  prefix structure: refused by `check`.
+- Every gradient path (`alignprop.paths`) says how many of its plan's leading steps run without gradient
+  (`GradientPath.gradient_free_steps`) and continues from there; all of a path's draws happen when its micro-batch
+  is drawn, so the streams stay as they were here too.
 """
 
 from __future__ import annotations
@@ -34,11 +35,6 @@ def check(config) -> None:
     size = config.train.get("no_grad_batch_size", 0)
     if not size:
         return
-    if config.gradient_path != "truncation":
-        raise UserError(
-            f"train.no_grad_batch_size={size} applies to gradient_path='truncation' only "
-            f"(got gradient_path={config.gradient_path!r}): set train.no_grad_batch_size=0"
-        )
     if config.eta != 0:
         raise UserError(
             f"train.no_grad_batch_size={size} needs eta=0 (DDIM noise with eta={config.eta:g} would be drawn in "

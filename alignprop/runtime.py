@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate import PartialState
 
-from alignprop import gradient_paths, prefix, prompts, rewards, schema
+from alignprop import paths, prefix, prompts, rewards, schema
 from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
 from alignprop.models import check_model_available, check_model_name, inference_dtype
@@ -57,7 +57,7 @@ def validate(config, num_processes: int) -> BatchPlan:
     prompts.load_prompts(config.prompt_fn)
     prompts.load_prompts(config.eval_prompt_fn)
     truncation_from_config(config)
-    gradient_paths.check(config)
+    paths.check(config)
     prefix.check(config)
     check_cadence(config)
     batches = plan_batches(config.train, num_processes)

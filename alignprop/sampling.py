@@ -81,28 +81,41 @@ def guided_prediction(
     timestep: torch.Tensor,
     conditioning: Conditioning,
     options: SamplingOptions,
+    uncond_gradient: bool = True,
 ) -> torch.Tensor:
     """Classifier-free-guided prediction from one batched denoiser call over [uncond; cond] (cond alone when
-    the family says no guidance); checkpointed when it keeps its gradient and `options.grad_checkpoint`."""
-    dtype, guided = model.denoiser.dtype, model.guided(options)
-    if guided:
-        model_input, kwargs = torch.cat([latents, latents]).to(dtype), conditioning.guided_kwargs()
-    else:
-        model_input, kwargs = latents.to(dtype), conditioning.kwargs("cond")
+    the family says no guidance); checkpointed when it keeps its gradient and `options.grad_checkpoint`.
+
+    `uncond_gradient=False` (ReFL and the other baselines as FlowBP runs them): when autograd is on, the
+    unconditional half runs in its own call without gradient and only the conditional half carries it, so
+    the gradient is guidance_scale * d(cond) instead of (1 - g) d(uncond) + g d(cond)."""
+    guided = model.guided(options)
+    if guided and not uncond_gradient and torch.is_grad_enabled():
+        with torch.no_grad():
+            uncond = denoiser_call(model, latents, timestep, conditioning.kwargs("uncond"), options)
+        cond = denoiser_call(model, latents, timestep, conditioning.kwargs("cond"), options)
+        return uncond + options.guidance_scale * (cond - uncond)
+    if not guided:
+        return denoiser_call(model, latents, timestep, conditioning.kwargs("cond"), options)
+    prediction = denoiser_call(model, torch.cat([latents, latents]), timestep, conditioning.guided_kwargs(), options)
+    uncond, cond = prediction.chunk(2)
+    return uncond + options.guidance_scale * (cond - uncond)
+
+
+def denoiser_call(model: Family, latents: torch.Tensor, timestep, kwargs: dict, options: SamplingOptions):
+    """One denoiser call in the denoiser's dtype, its output in `latents`' dtype; checkpointed when it keeps
+    its gradient and `options.grad_checkpoint`."""
 
     def call(sample):
         with native_precision(options.native_dtype, sample.device):
             return model.predict(sample, timestep, kwargs)
 
+    model_input = latents.to(model.denoiser.dtype)
     if options.grad_checkpoint and torch.is_grad_enabled():
         prediction = checkpoint(call, model_input, use_reentrant=False)
     else:
         prediction = call(model_input)
-    prediction = prediction.to(latents.dtype)
-    if not guided:
-        return prediction
-    uncond, cond = prediction.chunk(2)
-    return uncond + options.guidance_scale * (cond - uncond)
+    return prediction.to(latents.dtype)
 
 
 def sample(
@@ -113,19 +126,26 @@ def sample(
     options: SamplingOptions,
     generator: torch.Generator | None = None,
     start: int = 0,
+    detach_input: bool = False,
+    uncond_gradient: bool = True,
+    stop: int | None = None,
 ) -> torch.Tensor:
-    """Run the scheduler steps `start`.. of a len(keep_grad)-step schedule from `latents` (the latents at step
-    `start`: e.g. after a gradient-free prefix run elsewhere, `alignprop.prefix`); return the final latents.
+    """Run the scheduler steps `start`..`stop` (default: the end) of a len(keep_grad)-step schedule from `latents`
+    (the latents at step `start`: e.g. after a gradient-free prefix run elsewhere, `alignprop.prefix`); return the
+    latents reached.
 
     Differentiable w.r.t. the LoRA weights through the steps that `keep_grad` marks (when autograd is
     enabled by the caller); under `torch.no_grad()` this is plain inference, used for evaluation.
-    `generator` feeds the DDIM noise when eta > 0.
+    `generator` feeds the DDIM noise when eta > 0. `detach_input` (DRTune): a kept step's denoiser sees a
+    detached copy of its input, so gradient enters there only through its output; `uncond_gradient`: see
+    `guided_prediction`.
     """
-    timesteps = model.set_timesteps(len(keep_grad), latents.device)[start:]
-    keeps_grad_at = [keep and torch.is_grad_enabled() for keep in keep_grad[start:]]
+    timesteps = model.set_timesteps(len(keep_grad), latents.device)[start:stop]
+    keeps_grad_at = [keep and torch.is_grad_enabled() for keep in keep_grad[start:stop]]
     for keeps_grad, timestep in zip(keeps_grad_at, timesteps):
         with torch.set_grad_enabled(keeps_grad):
-            prediction = guided_prediction(model, latents, timestep, conditioning, options)
+            model_input = latents.detach() if detach_input and keeps_grad else latents
+            prediction = guided_prediction(model, model_input, timestep, conditioning, options, uncond_gradient)
         latents = model.step(prediction, timestep, latents, eta=options.eta, generator=generator)
     return latents
 

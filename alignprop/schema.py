@@ -277,10 +277,16 @@ def _preprocess_modes():
     return tuple(PREPROCESS_MODES)
 
 
-def _gradient_paths():
-    from alignprop import gradient_paths
+def _draft_lv():
+    from alignprop.paths import draft_lv
 
-    return gradient_paths
+    return draft_lv
+
+
+def _direct_align():
+    from alignprop.paths import direct_align
+
+    return direct_align
 
 
 def _lr_schedulers():
@@ -380,15 +386,20 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "decode_checkpoint": Flag(),
     "native_dtype": Flag(),
     "compile_denoiser": Text(choices=lambda: COMPILE_MODES),
-    # gradient paths (names and ranges against steps: gradient_paths.check)
+    # gradient paths (names and ranges against steps: alignprop.paths.check)
     "gradient_path": Text(empty=False, limit=MAX_NAME, note="truncation, refl, draft_lv, drtune or direct_align"),
     "gradient_paths.refl_last_steps": Pair(Int(1, 1000), ordered=True),
+    "gradient_paths.refl_uncond_gradient": Flag(),
     "gradient_paths.draft_lv_renoise": Int(1, 64),
+    "gradient_paths.draft_lv_combine": Text(choices=lambda: _draft_lv().COMBINE),
+    "gradient_paths.draft_lv_uncond_gradient": Flag(),
     "gradient_paths.drtune_train_steps": Int(1, 1000),
+    "gradient_paths.drtune_early_stop": Number(0, 1),
+    "gradient_paths.drtune_uncond_gradient": Flag(),
     "gradient_paths.direct_align_noise": Pair(Number(0, 1, low_open=True, high_open=True), ordered=True),
     "gradient_paths.direct_align_discount": Pair(Number(0, None)),
-    "gradient_paths.direct_align_noise_source": Text(choices=lambda: _gradient_paths().NOISE_SOURCES),
-    "gradient_paths.direct_align_branch": Text(choices=lambda: _gradient_paths().DIRECT_ALIGN_BRANCHES),
+    "gradient_paths.direct_align_noise_source": Text(choices=lambda: _direct_align().NOISE_SOURCES),
+    "gradient_paths.direct_align_branch": Text(choices=lambda: _direct_align().BRANCHES),
     "gradient_paths.direct_align_inversion_discount": Pair(Number(0, None)),
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),

@@ -20,14 +20,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from alignprop import checkpoint, gradient_paths
+from alignprop import checkpoint, paths
 from alignprop.batching import BatchPlan
 from alignprop.errors import Interrupted, UserError
 from alignprop.evaluate import (
@@ -44,24 +44,23 @@ from alignprop.lora import add_lora, save_lora
 from alignprop.lora_files import check_matches_config, copy_into_adapter, is_original_checkpoint, read_lora
 from alignprop.nonfinite import NonFiniteGuard, all_finite, optimizer_tensors
 from alignprop.pause import pause_point
-from alignprop.prefix import prefix_length, run_prefixes
+from alignprop.prefix import run_prefixes
 from alignprop.prompts import load_prompts
 from alignprop.randomness import RandomStreams, global_state, preserved_global_state, set_global_state
 from alignprop.rewards import RewardResult
 from alignprop.rewards.shaping import shaper_from_config
 from alignprop.rundir import MetricsLog
-from alignprop.sampling import decode, initial_latents, sample, sampling_options_from_config
+from alignprop.sampling import decode, initial_latents, sampling_options_from_config
 from alignprop.session import Session, build_session, start_trackers
-from alignprop.truncation import truncation_from_config
 
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """One forward pass of one process: its prompts, starting latents and truncation plan."""
+    """One forward pass of one process: its prompts, starting latents and its gradient path's plan."""
 
     prompts: list[str]
     latents: torch.Tensor
-    keep_grad: tuple[bool, ...]
+    plan: paths.Plan
     start: int = 0  # steps already run without gradient (`Trainer.micro_batches`): `latents` are those at this step
 
 
@@ -70,10 +69,12 @@ class Scored:
     """A sampled, decoded and scored micro-batch."""
 
     loss: torch.Tensor  # the micro-batch's loss (mean x loss_coeff), differentiable when a step kept its gradient
-    result: RewardResult
-    keep_grad: tuple[bool, ...]
+    result: RewardResult  # the first branch's (the finished sample for truncation, drtune, draft_lv)
+    plan: paths.Plan
     prompts: tuple[str, ...] = ()
-    images: torch.Tensor | None = None  # the decoded images, detached (visualize_train saves some)
+    images: torch.Tensor | None = None  # the first branch's decoded images, detached (visualize_train saves some)
+    scored_as: str = "final"  # what the first branch scored (`paths.Branch.name`)
+    branch_rewards: dict = field(default_factory=dict)  # every branch's name -> its per-sample rewards
 
 
 def make_optimizer(train_config, params):
@@ -136,7 +137,7 @@ class Trainer:
         total_updates = config.num_epochs * batches.updates_per_epoch
         self.lr_scheduler = make_lr_scheduler(config.train, self.optimizer, total_updates)
         self.options = sampling_options_from_config(config)
-        self.truncation = truncation_from_config(config)
+        self.path = paths.from_config(config)
         self.shape_loss = shaper_from_config(config)  # the reward's loss, or ReFL/SRPO's threshold form
         self.prompts = load_prompts(config.prompt_fn)
         self.evaluator = evaluator_for(session, config, batches.batch_size)
@@ -161,7 +162,7 @@ class Trainer:
         scored = []
         for batch in self.micro_batches(accumulation):
             with torch.autograd.set_detect_anomaly(self.config.debug):  # debug: name the op behind a NaN gradient
-                # 1. Sample a micro-batch along its truncation plan (from its no-grad prefix's end), decode, score.
+                # 1. Sample a micro-batch along its path's plan (from its no-grad prefix's end), decode, score.
                 out = self.sample_and_score(batch)
                 # 2. Backpropagate (a plan that kept no step has nothing to learn from).
                 if out.loss.requires_grad:
@@ -183,7 +184,8 @@ class Trainer:
     def micro_batches(self, count: int) -> Iterator[MicroBatch]:
         """The update's micro-batches. train.no_grad_batch_size=0: each drawn just before its pass. Otherwise all
         drawn first (each random stream is its own generator: the same draws), every sample advanced through its
-        plan's gradient-free prefix in no-grad chunks of that size, each micro-batch yielded at its first kept step."""
+        plan's gradient-free steps in no-grad chunks of that size, each micro-batch yielded at its first step with
+        gradient."""
         chunk = self.config.train.get("no_grad_batch_size", 0)
         if not chunk:
             for _ in range(count):
@@ -192,8 +194,10 @@ class Trainer:
         yield from self.advance_prefixes([self.draw_micro_batch() for _ in range(count)], chunk)
 
     def advance_prefixes(self, drawn: list[MicroBatch], chunk: int) -> list[MicroBatch]:
-        """`drawn`, each at its plan's first kept step: every sample's prefix run without gradient (`run_prefixes`)."""
-        lengths = [prefix_length(batch.keep_grad) for batch in drawn for _ in batch.prompts]
+        """`drawn`, each at its plan's first step with gradient: every sample's gradient-free steps run without
+        gradient (`run_prefixes`)."""
+        starts = [self.path.gradient_free_steps(batch.plan) for batch in drawn]
+        lengths = [start for start, batch in zip(starts, drawn) for _ in batch.prompts]
         prompts = [prompt for batch in drawn for prompt in batch.prompts]
         with self.accelerator.autocast():
             conditioning = self.model.conditioning(prompts, guided=self.model.guided(self.options))
@@ -201,8 +205,8 @@ class Trainer:
             advanced = run_prefixes(self.model, conditioning, latents, lengths, self.options, chunk)
         sizes = [len(batch.prompts) for batch in drawn]
         return [
-            replace(batch, latents=latents, start=prefix_length(batch.keep_grad))
-            for batch, latents in zip(drawn, advanced.split(sizes))
+            replace(batch, latents=latents, start=start)
+            for batch, latents, start in zip(drawn, advanced.split(sizes), starts)
         ]
 
     def draw_micro_batch(self) -> MicroBatch:
@@ -210,21 +214,27 @@ class Trainer:
         size = self.batches.batch_size
         prompts = [self.random.prompts.choice(self.prompts) for _ in range(size)]
         latents = initial_latents(size, self.model, self.random.latents, self.accelerator.device)
-        return MicroBatch(prompts, latents, self.truncation.draw(self.random.plans))
+        return MicroBatch(prompts, latents, self.path.draw(self.random, self.model, latents))
 
     def sample_and_score(self, batch: MicroBatch) -> Scored:
-        if self.config.gradient_path != "truncation":  # ReFL, DRaFT-LV, DRTune, Direct-Align
-            loss, result, trained, images = gradient_paths.sample_and_score(self, batch, self.shape_loss)
-            return Scored(loss, result, trained, tuple(batch.prompts), images.detach())
+        """The gradient path's branches for `batch`, each decoded and scored; the loss is the batch mean of the
+        weighted sum of the branches' shaped per-sample losses, times `train.loss_coeff`."""
         with self.accelerator.autocast():
             conditioning = self.model.conditioning(batch.prompts, guided=self.model.guided(self.options))
-            final = sample(
-                self.model, conditioning, batch.latents, batch.keep_grad, self.options, self.random.latents, batch.start
+            branches = self.path.sample(
+                self.model, conditioning, batch.latents, batch.plan, self.options, batch.start, self.random.latents
             )
-            images = decode(self.model, final, self.options)
-            result = self.reward.score(images, batch.prompts)
-        loss = self.shape_loss(result).float().mean() * self.config.train.loss_coeff
-        return Scored(loss, result, batch.keep_grad, tuple(batch.prompts), images.detach())
+            total, results, first_images = 0, {}, None
+            for branch in branches:
+                images = decode(self.model, branch.latents, self.options)
+                result = paths.score(self.reward, branch, images, batch.prompts)
+                total = total + branch.weight * self.shape_loss(result).float()
+                results[branch.name] = result
+                first_images = images.detach() if first_images is None else first_images
+        loss = total.mean() * self.config.train.loss_coeff
+        first = branches[0].name
+        rewards = {name: result.reward.detach() for name, result in results.items()}
+        return Scored(loss, results[first], batch.plan, tuple(batch.prompts), first_images, first, rewards)
 
     def synchronize_gradients(self) -> None:
         average_gradients(self.params, self.accelerator)
@@ -242,9 +252,15 @@ class Trainer:
             "skipped_nonfinite": not stepped,
             "nonfinite_count": self.guard.total,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "kept_steps": [[i for i, keep in enumerate(out.keep_grad) if keep] for out in scored],
+            "kept_steps": [out.plan.trained_steps() for out in scored],
+            "plans": [out.plan.record() for out in scored],
+            "scored": scored[0].scored_as,
             "seconds": seconds,
         }
+        if len(scored[0].branch_rewards) > 1:  # every branch's reward, by what it scored
+            for name in scored[0].branch_rewards:
+                values = torch.cat([out.branch_rewards[name].float().to(device) for out in scored])
+                record[f"reward_{name}_mean"] = gather(values).mean().item()
         for name in scored[0].result.metrics:
             values = torch.cat([out.result.metrics[name].float().to(device) for out in scored])
             record[f"{name}_mean"] = gather(values).mean().item()

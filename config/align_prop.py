@@ -157,13 +157,19 @@ def general():
     # steps, evaluation): "off" | "default" | "reduce-overhead" (CUDA graphs) | "max-autotune-no-cudagraphs".
     # Compiling takes minutes; it pays back over a run's thousands of calls (benchmarks/README.md).
     config.compile_denoiser = "off"
-    # --- gradient paths (alignprop/gradient_paths.py; README "Gradient paths") ---
+    # --- gradient paths (alignprop/paths/; README "Gradient paths") ---
     # "truncation" (AlignProp's, the settings above) | "refl" | "draft_lv" | "drtune" | "direct_align".
     config.gradient_path = "truncation"
     config.gradient_paths = paths = ml_collections.ConfigDict()
+    # Defaults follow each path's reference code (README "Gradient paths"; alignprop/paths/<name>.py cites it).
     paths.refl_last_steps = (1, 10)  # ReFL: train the k-th step from the end, k ~ U{min..max} (ImageReward: 1..10)
-    paths.draft_lv_renoise = 2  # DRaFT-LV: n re-noisings of the final sample (the paper's n = 2)
-    paths.drtune_train_steps = 5  # DRTune: K evenly spaced trained steps (interval steps // K, random offset)
+    paths.refl_uncond_gradient = False  # ReFL: the unconditional CFG half without gradient (FlowBP's cfg_detach_neg)
+    paths.draft_lv_renoise = 2  # DRaFT-LV: n re-noisings of the final sample (the paper's and FlowBP's n = 2)
+    paths.draft_lv_combine = "mean"  # DRaFT-LV: "mean" of the n + 1 losses (FlowBP) | "sum"
+    paths.draft_lv_uncond_gradient = False
+    paths.drtune_train_steps = 3  # DRTune: K equally spaced trained steps up to the early stop (FlowBP's K = 3)
+    paths.drtune_early_stop = 0.4  # DRTune: stop at m = T - r, r ~ U{1..round(0.4 T)}; score x0 there (0: off)
+    paths.drtune_uncond_gradient = False
     paths.direct_align_noise = (0.75, 0.96)  # Direct-Align: noise level ~ U(min, max), flow-matching scale (SRPO's)
     paths.direct_align_discount = (0.1, 0.25)  # loss weight at the range's low / high noise end (SRPO's discount_pos)
     # Direct-Align's branches: "denoise" (SRPO's step down) | "inversion" (its step up, reward sign flipped) | "both".

@@ -45,7 +45,7 @@ class PinnedTrainer(Trainer):
         indices = range(first, first + batches.batch_size)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in indices]
         latents = self.all_latents[list(indices)].to(self.accelerator.device)
-        return MicroBatch(prompts, latents, self.truncation.draw(self.random.plans))
+        return MicroBatch(prompts, latents, self.path.draw(self.random, self.model, latents))
 
     def synchronize_gradients(self):
         super().synchronize_gradients()

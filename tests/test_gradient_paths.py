@@ -1,4 +1,4 @@
-"""Gradient paths (alignprop.gradient_paths) against plain transcriptions of their definitions, in float64.
+"""Gradient paths (alignprop.paths) against plain transcriptions of their definitions, in float64.
 
 The naive versions below use autograd everywhere, two denoiser calls per step for guidance, the DDIM update and
 the forward process written out from alpha_bar, and `.detach()` exactly where each definition stops the gradient.
@@ -11,15 +11,20 @@ import torch
 from gradient_checks import PROMPTS, float64_model_with_lora, lora_params, relative_errors
 from small_runs import small_config
 
-from alignprop import gradient_paths as paths
+from alignprop import paths
 from alignprop.errors import UserError
 from alignprop.lora_files import LORA_FILE_NAME as LORA_FILE
+from alignprop.paths.base import negated
+from alignprop.paths.direct_align import discount
+from alignprop.presets import load_preset
+from alignprop.randomness import RandomStreams
 from alignprop.rewards import RewardResult
 from alignprop.rewards.shaping import shaped_loss
 from alignprop.sampling import SamplingOptions, decode, initial_latents
 
 STEPS = 6
 GUIDANCE = 5.0
+DRTUNE_STOP = 4  # DRTune's early stop in the equivalence tests: step 4 of 6 (itself trained)
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -31,10 +36,12 @@ def model64(request):
 # --- the naive transcriptions ------------------------------------------------------------------------------
 
 
-def naive_eps(model, conditioning, x, t):
-    """Classifier-free guidance from two separate denoiser calls (epsilon prediction)."""
+def naive_eps(model, conditioning, x, t, uncond_grad=True):
+    """Classifier-free guidance from two separate denoiser calls (epsilon prediction); `uncond_grad=False`: the
+    unconditional call's output detached (FlowBP's cfg_detach_neg)."""
     uncond = model.predict(x, t, conditioning.kwargs("uncond"))
     cond = model.predict(x, t, conditioning.kwargs("cond"))
+    uncond = uncond if uncond_grad else uncond.detach()
     return uncond + GUIDANCE * (cond - uncond)
 
 
@@ -67,22 +74,34 @@ def naive_refl(model, conditioning, x, step):
     for i in range(step):
         x = ddim(naive_eps(model, conditioning, x, timesteps[i]).detach(), a[i], a[i + 1], x)
     x = x.detach()  # ReFL samples up to the trained step without gradient
-    eps = naive_eps(model, conditioning, x, timesteps[step])
+    eps = naive_eps(model, conditioning, x, timesteps[step], uncond_grad=False)
     return [((x - (1 - a[step]) ** 0.5 * eps) / a[step] ** 0.5, 1.0)]
 
 
 def naive_draft_lv(model, conditioning, x, noises):
+    """FlowBP's DRaFT-LV: the K=1 image and n re-noised ones, their losses averaged."""
     timesteps, a = alpha_bars(model)
-    final = naive_chain(model, conditioning, x, keep={STEPS - 1})
-    branches = [(final, 1.0)]
+    weight = 1 / (1 + len(noises))
+    for i in range(STEPS - 1):
+        x = ddim(naive_eps(model, conditioning, x, timesteps[i]).detach(), a[i], a[i + 1], x)
+    final = ddim(naive_eps(model, conditioning, x, timesteps[-1], uncond_grad=False), a[-2], a[-1], x)
+    branches = [(final, weight)]
     for noise in noises:
         noisy = a[-2] ** 0.5 * final.detach() + (1 - a[-2]) ** 0.5 * noise
-        branches.append((ddim(naive_eps(model, conditioning, noisy, timesteps[-1]), a[-2], a[-1], noisy), 1.0))
+        eps = naive_eps(model, conditioning, noisy, timesteps[-1], uncond_grad=False)
+        branches.append((ddim(eps, a[-2], a[-1], noisy), weight))
     return branches
 
 
-def naive_drtune(model, conditioning, x, trained):
-    return [(naive_chain(model, conditioning, x, keep=set(trained), detach_input_at=set(trained)), 1.0)]
+def naive_drtune(model, conditioning, x, trained, stop):
+    """FlowBP's DRTune: every denoiser input detached, the chain not; stop at `stop` and score its one-step x0."""
+    timesteps, a = alpha_bars(model)
+    for i in range(stop + 1):
+        eps = naive_eps(model, conditioning, x.detach(), timesteps[i], uncond_grad=False)
+        eps = eps if i in trained else eps.detach()
+        if i == stop:
+            return [((x - (1 - a[i]) ** 0.5 * eps) / a[i] ** 0.5, 1.0)]
+        x = ddim(eps, a[i], a[i + 1], x)
 
 
 def naive_direct_align(model, conditioning, x, step, noise, weight):
@@ -106,6 +125,42 @@ def naive_direct_align_inversion(model, conditioning, x, step, noise, weight):
 # --- running both --------------------------------------------------------------------------------------------
 
 
+def path_of(name, **knobs):
+    """The gradient path `name` for a STEPS-step schedule, with `gradient_paths.<knob>` settings."""
+    config = load_preset("tiny")
+    config.steps = STEPS
+    config.gradient_path = name
+    for knob, value in knobs.items():
+        config.gradient_paths[knob] = value
+    return paths.from_config(config)
+
+
+def refl(model, conditioning, latents, options, step):
+    path = path_of("refl")
+    return path.sample(model, conditioning, latents, path.plan(step), options)
+
+
+def draft_lv(model, conditioning, latents, options, noises):
+    path = path_of("draft_lv", draft_lv_renoise=len(noises))
+    return path.sample(model, conditioning, latents, path.plan(noises), options)
+
+
+def drtune(model, conditioning, latents, options, trained, stop=DRTUNE_STOP):
+    path = path_of("drtune")
+    return path.sample(model, conditioning, latents, path.plan(stop, trained), options)
+
+
+def direct_align(model, conditioning, latents, options, level, noise, weight, branch="denoise", inversion_weight=0.0):
+    """Direct-Align at `level` with the given branch weights (the discount ranges set so that they come out)."""
+    path = path_of(
+        "direct_align",
+        direct_align_branch=branch,
+        direct_align_discount=(weight, weight),
+        direct_align_inversion_discount=(inversion_weight, inversion_weight),
+    )
+    return path.sample(model, conditioning, latents, path.plan(model, level, noise, latents.device), options)
+
+
 def inputs(model):
     conditioning = model.encode(PROMPTS)
     latents = initial_latents(2, model, torch.Generator().manual_seed(0)).double()
@@ -117,7 +172,8 @@ def grads_of(model, branches):
     params = lora_params(model.denoiser)
     for param in params.values():
         param.grad = None
-    loss = sum(branch[1] * (decode(model, branch[0]) - 0.3).square().mean() for branch in branches)
+    pairs = [(b.latents, b.weight) if isinstance(b, paths.Branch) else b for b in branches]
+    loss = sum(weight * (decode(model, latents) - 0.3).square().mean() for latents, weight in pairs)
     loss.backward()
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
 
@@ -126,20 +182,20 @@ def ours_and_naive(model, path):
     conditioning, latents, noises = inputs(model)
     options = SamplingOptions(STEPS, GUIDANCE)
     if path == "refl":
-        ours = paths.refl(model, conditioning, latents, options, 4)
+        ours = refl(model, conditioning, latents, options, 4)
         naive = naive_refl(model, conditioning, latents, 4)
     elif path == "draft_lv":
-        ours = paths.draft_lv(model, conditioning, latents, options, noises)
+        ours = draft_lv(model, conditioning, latents, options, noises)
         naive = naive_draft_lv(model, conditioning, latents, noises)
     elif path == "drtune":
-        ours = paths.drtune(model, conditioning, latents, options, (1, 4))
-        naive = naive_drtune(model, conditioning, latents, (1, 4))
+        ours = drtune(model, conditioning, latents, options, (1, 4))
+        naive = naive_drtune(model, conditioning, latents, (1, 4), DRTUNE_STOP)
     else:
         timesteps = model.set_timesteps(STEPS, "cpu")
         level = model.noise_level(timesteps[2])  # exactly step 2's level
-        ours = paths.direct_align(model, conditioning, latents, options, level, noises[0], 0.3)
+        ours = direct_align(model, conditioning, latents, options, level, noises[0], 0.3)
         naive = naive_direct_align(model, conditioning, latents, 2, noises[0], 0.3)
-    return grads_of(model, ours.branches), grads_of(model, naive), ours
+    return grads_of(model, ours), grads_of(model, naive), ours
 
 
 @pytest.mark.parametrize("path", ["refl", "draft_lv", "drtune", "direct_align"])
@@ -154,15 +210,15 @@ def test_lora_gradients_equal_the_naive_definition(model64, path):
 def test_direct_align_inversion_branch_gradients_equal_the_naive_definition(model64, branch):
     conditioning, latents, noises = inputs(model64)
     level = model64.noise_level(model64.set_timesteps(STEPS, "cpu")[2])
-    ours = paths.direct_align(
-        model64, conditioning, latents, SamplingOptions(STEPS, GUIDANCE), level, noises[0], 0.3, None, branch, 0.7
+    ours = direct_align(
+        model64, conditioning, latents, SamplingOptions(STEPS, GUIDANCE), level, noises[0], 0.3, branch, 0.7
     )
     naive = naive_direct_align_inversion(model64, conditioning, latents, 2, noises[0], 0.7)
     if branch == "both":
         naive = naive_direct_align(model64, conditioning, latents, 2, noises[0], 0.3) + naive
-    assert [branch.inverted for branch in ours.branches] == ([False, True] if branch == "both" else [True])
+    assert [branch.inverted for branch in ours] == ([False, True] if branch == "both" else [True])
     expected = grads_of(model64, naive)
-    errors = relative_errors(grads_of(model64, ours.branches), expected)
+    errors = relative_errors(grads_of(model64, ours), expected)
     assert max(g.abs().max() for g in expected.values()) > 0
     assert max(errors.values()) <= 1e-5, f"{branch}: worst relative error {max(errors.values()):.2e}"
 
@@ -171,7 +227,7 @@ def test_the_inversion_branch_is_scored_with_the_reward_negated():
     """SRPO swaps the relative reward's prompts there: threshold loss relu(t + r), gradient descent on r."""
     reward = torch.tensor([0.2, 0.9], requires_grad=True)
     result = RewardResult(loss=1 - reward, reward=reward.detach())
-    loss = shaped_loss(paths.negated(result), "threshold", 0.7)
+    loss = shaped_loss(negated(result), "threshold", 0.7)
     loss.sum().backward()
     assert torch.allclose(loss, torch.relu(0.7 + reward.detach()))
     assert torch.equal(reward.grad, torch.ones(2))  # descent on r: d(relu(0.7 + r))/dr = 1
@@ -186,8 +242,8 @@ def test_inversion_and_denoise_branches_push_the_lora_the_same_way():
     level, options = model.noise_level(model.set_timesteps(STEPS, "cpu")[3]), SamplingOptions(STEPS, GUIDANCE)
 
     def flat_grads(branch, sign):
-        sample = paths.direct_align(model, conditioning, latents, options, level, noises[0], 1.0, None, branch, 1.0)
-        grads = grads_of(model, [(b.latents, sign) for b in sample.branches])
+        sample = direct_align(model, conditioning, latents, options, level, noises[0], 1.0, branch, 1.0)
+        grads = grads_of(model, [(b.latents, sign) for b in sample])
         return torch.cat([g.flatten() for g in grads.values()])
 
     denoise, inversion = flat_grads("denoise", 1.0), flat_grads("inversion", -1.0)
@@ -198,17 +254,17 @@ def test_flow_inversion_never_steps_up_to_pure_noise(flow64):
     conditioning, latents, noises = inputs(flow64)
     timesteps = flow64.set_timesteps(STEPS, "cpu")
     options = SamplingOptions(STEPS, GUIDANCE)
-    sample = paths.direct_align(flow64, conditioning, latents, options, 1.0, noises[0], 1.0, None, "inversion", 1.0)
-    assert sample.trained.index(True) == 2 and flow64.noise_level(timesteps[0]) == 1.0
-    assert torch.isfinite(sample.branches[0].latents).all()
+    path = path_of("direct_align", direct_align_branch="inversion")
+    plan = path.plan(flow64, 1.0, noises[0], latents.device)
+    sample = path.sample(flow64, conditioning, latents, plan, options)
+    assert plan.trained.index(True) == 2 and flow64.noise_level(timesteps[0]) == 1.0
+    assert torch.isfinite(sample[0].latents).all()
 
 
 def test_drtune_detaches_the_input_rather_than_the_chain(model64):
     """DRTune differs from plain sparse truncation (input not detached): the gradients must differ."""
     conditioning, latents, _ = inputs(model64)
-    ours = grads_of(
-        model64, paths.drtune(model64, conditioning, latents, SamplingOptions(STEPS, GUIDANCE), (1, 4)).branches
-    )
+    ours = grads_of(model64, drtune(model64, conditioning, latents, SamplingOptions(STEPS, GUIDANCE), (1, 4)))
     plain = grads_of(model64, [(naive_chain(model64, conditioning, latents, keep={1, 4}), 1.0)])
     assert max(relative_errors(ours, plain).values()) > 1e-3
 
@@ -238,13 +294,13 @@ def ours_and_naive_ours_only(model, path):
     conditioning, latents, noises = inputs(model)
     options = SamplingOptions(STEPS, GUIDANCE, grad_checkpoint=False)
     if path == "refl":
-        return paths.refl(model, conditioning, latents, options, 4)
+        return refl(model, conditioning, latents, options, 4)
     if path == "draft_lv":
-        return paths.draft_lv(model, conditioning, latents, options, noises)
+        return draft_lv(model, conditioning, latents, options, noises)
     if path == "drtune":
-        return paths.drtune(model, conditioning, latents, options, (1, 4))
+        return drtune(model, conditioning, latents, options, (1, 4))
     level = model.noise_level(model.set_timesteps(STEPS, "cpu")[2])
-    return paths.direct_align(model, conditioning, latents, options, level, noises[0], 1.0)
+    return direct_align(model, conditioning, latents, options, level, noises[0], 1.0)
 
 
 @pytest.mark.parametrize(
@@ -263,20 +319,41 @@ def test_hooks_see_gradient_only_in_the_planned_calls(model64, path, expected):
 # --- plans and settings ------------------------------------------------------------------------------------
 
 
-def test_drtune_steps_are_evenly_spaced_with_a_random_offset():
-    generator = torch.Generator().manual_seed(0)
-    plans = {paths.drtune_steps(50, 5, generator) for _ in range(200)}
-    assert plans == {tuple(s + 10 * j for j in range(5)) for s in range(10)}
+def streams(seed=0):
+    return RandomStreams.seeded(seed, 0)
+
+
+def drtune_plans(steps, train_steps, early_stop, draws=2000):
+    config = load_preset("tiny")
+    config.steps, config.gradient_path = steps, "drtune"
+    config.gradient_paths.drtune_train_steps, config.gradient_paths.drtune_early_stop = train_steps, early_stop
+    path, random = paths.from_config(config), streams()
+    return {(plan.stop, tuple(plan.trained_steps())) for plan in (path.draw(random, None, None) for _ in range(draws))}
+
+
+def test_drtune_without_early_stop_spaces_its_steps_with_a_random_start():
+    assert drtune_plans(50, 5, 0.0, 200) == {(49, tuple(s + 10 * j for j in range(5))) for s in range(10)}
+
+
+def test_drtune_plans_are_flowbps_at_25_steps():
+    """FlowBP's defaults (25 steps, K = 3, early stop 0.4): m in 15..24, stride (m + 1) // 3, start in
+    0..m - 2 * stride; the (m, stride, last start) table read off flowbp/trainers/sd35/drtune.py:24-75."""
+    table = {15: (5, 5), 16: (5, 6), 17: (6, 5), 18: (6, 6), 19: (6, 7), 20: (7, 6), 21: (7, 7), 22: (7, 8)}
+    table |= {23: (8, 7), 24: (8, 8)}
+    expected = {(m, (s, s + d, s + 2 * d)) for m, (d, last) in table.items() for s in range(last + 1)}
+    assert drtune_plans(25, 3, 0.4) == expected
 
 
 def test_refl_step_lies_in_the_configured_range():
-    generator = torch.Generator().manual_seed(0)
-    assert {paths.refl_step(40, (1, 10), generator) for _ in range(500)} == set(range(30, 40))  # ImageReward's
+    config = load_preset("tiny")
+    config.steps, config.gradient_path, config.gradient_paths.refl_last_steps = 40, "refl", (1, 10)
+    path, random = paths.from_config(config), streams()
+    assert {path.draw(random, None, None).step for _ in range(500)} == set(range(30, 40))  # ImageReward's
 
 
 def test_direct_align_discount_is_linear_in_the_level():
-    assert paths.discount(0.75, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.1)
-    assert paths.discount(0.85, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.175)
+    assert discount(0.75, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.1)
+    assert discount(0.85, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.175)
 
 
 @pytest.mark.parametrize(
@@ -285,6 +362,8 @@ def test_direct_align_discount_is_linear_in_the_level():
         ({"gradient_path": "refl", "gradient_paths.refl_last_steps": (1, 5)}, "refl_last_steps"),  # steps = 4
         ({"gradient_path": "draft_lv", "gradient_paths.draft_lv_renoise": 0}, "draft_lv_renoise"),
         ({"gradient_path": "drtune", "gradient_paths.drtune_train_steps": 5}, "drtune_train_steps"),
+        ({"gradient_path": "drtune", "gradient_paths.drtune_early_stop": 1.5}, "drtune_early_stop"),
+        ({"gradient_path": "draft_lv", "gradient_paths.draft_lv_combine": "max"}, "draft_lv_combine"),
         ({"gradient_path": "direct_align", "gradient_paths.direct_align_noise": (0.5, 1.0)}, "direct_align_noise"),
         ({"gradient_path": "direct_align", "gradient_paths.direct_align_noise": (0.0, 0.5)}, "direct_align_noise"),
         ({"gradient_path": "nope"}, "gradient_path"),
@@ -349,34 +428,38 @@ def flow64(request):
     return float64_model_with_lora(request.param, TARGETS)
 
 
-def naive_velocity(model, conditioning, x, t):
+def naive_velocity(model, conditioning, x, t, uncond_grad=True):
     """SD3: classifier-free guidance from two calls; FLUX: one call, the guidance an input of the transformer."""
     if model.guided(SamplingOptions(STEPS, GUIDANCE)):
-        return naive_eps(model, conditioning, x, t)
+        return naive_eps(model, conditioning, x, t, uncond_grad)
     return model.predict(x, t, conditioning.kwargs("cond"))
 
 
 def naive_flow(model, conditioning, latents, noises, path):
     timesteps = model.set_timesteps(STEPS, "cpu")
     sigmas = [float(s) for s in model.scheduler.sigmas]
-    v = lambda x, i: naive_velocity(model, conditioning, x, timesteps[i])  # noqa: E731
+    baseline = path in ("refl", "draft_lv", "drtune")  # FlowBP's baselines: the unconditional half without gradient
+    v = lambda x, i: naive_velocity(model, conditioning, x, timesteps[i], not baseline)  # noqa: E731
     euler = lambda x, i, velocity: x + (sigmas[i + 1] - sigmas[i]) * velocity  # noqa: E731
-    x, keep = latents, {"draft_lv": {STEPS - 1}, "drtune": {1, 4}}.get(path, set())
+    x = latents
     if path == "refl":
         for i in range(4):
             x = euler(x, i, v(x, i).detach())
         x = x.detach()
         return [(x - sigmas[4] * v(x, 4), 1.0)]
+    if path == "drtune":  # every input detached, the chain not; the x0 of step DRTUNE_STOP scored
+        for i in range(DRTUNE_STOP):
+            velocity = v(x.detach(), i)
+            x = euler(x, i, velocity if i == 1 else velocity.detach())
+        return [(x - sigmas[DRTUNE_STOP] * v(x.detach(), DRTUNE_STOP), 1.0)]
     for i in range(STEPS):
-        velocity = v(x.detach() if path == "drtune" and i in keep else x, i)
-        x = euler(x, i, velocity if i in keep else velocity.detach())
-    if path == "drtune":
-        return [(x, 1.0)]
+        velocity = v(x, i)
+        x = euler(x, i, velocity if path == "draft_lv" and i == STEPS - 1 else velocity.detach())
     if path == "draft_lv":
-        last, branches = STEPS - 1, [(x, 1.0)]
+        last, branches = STEPS - 1, [(x, 1 / 3)]
         for noise in noises:
             noisy = sigmas[last] * noise + (1 - sigmas[last]) * x.detach()
-            branches.append((euler(noisy, last, v(noisy, last)), 1.0))
+            branches.append((euler(noisy, last, v(noisy, last)), 1 / 3))
         return branches
     noisy = sigmas[2] * noises[0] + (1 - sigmas[2]) * x.detach()
     if path == "direct_align_inversion":  # SRPO's inversion: the Euler step up from sigma_2 to sigma_1
@@ -392,16 +475,16 @@ def test_flow_matching_gradients_equal_the_naive_definition(flow64, path):
     conditioning, latents, noises = inputs(model)
     options = SamplingOptions(STEPS, GUIDANCE)
     if path == "refl":
-        ours = paths.refl(model, conditioning, latents, options, 4)
+        ours = refl(model, conditioning, latents, options, 4)
     elif path == "draft_lv":
-        ours = paths.draft_lv(model, conditioning, latents, options, noises)
+        ours = draft_lv(model, conditioning, latents, options, noises)
     elif path == "drtune":
-        ours = paths.drtune(model, conditioning, latents, options, (1, 4))
+        ours = drtune(model, conditioning, latents, options, (1, 4))
     else:
         level = model.noise_level(model.set_timesteps(STEPS, "cpu")[2])
         branch = "inversion" if path == "direct_align_inversion" else "denoise"
-        ours = paths.direct_align(model, conditioning, latents, options, level, noises[0], 0.3, None, branch, 0.3)
-    ours_grads = grads_of(model, ours.branches)
+        ours = direct_align(model, conditioning, latents, options, level, noises[0], 0.3, branch, 0.3)
+    ours_grads = grads_of(model, ours)
     naive = grads_of(model, naive_flow(model, conditioning, latents, noises, path))
     assert max(g.abs().max() for g in naive.values()) > 0
     errors = relative_errors(ours_grads, naive)

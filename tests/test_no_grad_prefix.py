@@ -2,7 +2,8 @@
 
 With it on, an update draws all its micro-batches first, runs every sample's steps before its plan's first kept
 step without gradient in chunks, then each micro-batch's remaining steps with gradient. In float64 the LoRA
-gradients of one update equal those of the micro-batch-by-micro-batch path for every truncation strategy, the
+gradients of one update equal those of the micro-batch-by-micro-batch path for every truncation strategy and every
+gradient path, the
 plans and the random streams' states after the update are the same, and so are checkpoints.
 """
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from small_runs import make_trainer, small_config
 
-from alignprop import checkpoint, models, prefix
+from alignprop import checkpoint, models, paths, prefix
 from alignprop.conditioning import Conditioning
 from alignprop.errors import UserError
 from alignprop.prefix import prefix_length, run_prefixes
@@ -80,12 +81,24 @@ def trainer64(preset, tmp_path_factory):
             for param, saved in zip(trainer.params, weights):
                 param.copy_(saved)
         trainer.random.load_state_dict(streams)
-        trainer.truncation = TRUNCATIONS[strategy]
+        if strategy in TRUNCATIONS:
+            trainer.path = paths.Truncation(trainer.config)
+            trainer.path.strategy = TRUNCATIONS[strategy]
+        else:  # another gradient path, with its default settings for a STEPS-step schedule
+            trainer.path = paths.REGISTRY[strategy](replace_path(trainer.config, strategy))
         trainer.config.train.no_grad_batch_size = chunk
         record = trainer.train_update()
         return captured["grads"], record["kept_steps"], trainer.random.state_dict()
 
     return gradients
+
+
+def replace_path(config, name):
+    config = config.copy_and_resolve_references()
+    config.gradient_path = name
+    config.gradient_paths.refl_last_steps = (1, 3)
+    config.gradient_paths.drtune_train_steps = 2
+    return config
 
 
 def same_streams(a: dict, b: dict) -> bool:
@@ -96,7 +109,15 @@ def same_streams(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize(
     "strategy, chunk",
-    [("fixed", 4), ("per_step_uniform", 4), ("per_step_uniform", 1), ("uniform", 5), ("gaussian", 7), ("full", 4)],
+    [
+        ("fixed", 4),
+        ("per_step_uniform", 4),
+        ("per_step_uniform", 1),
+        ("uniform", 5),
+        ("gaussian", 7),
+        ("full", 4),
+        *((name, 4) for name in paths.NAMES if name != "truncation"),
+    ],
 )
 def test_one_update_has_the_same_gradients_plans_and_streams(trainer64, strategy, chunk):
     off_grads, off_kept, off_streams = trainer64(strategy, 0)
@@ -187,10 +208,6 @@ def test_checkpoints_are_the_same_with_the_prefix_on(preset, tmp_path):
         ({"train.no_grad_batch_size": 2.5}, "train.no_grad_batch_size must be an integer in [0, "),
         ({"train.no_grad_batch_size": True}, "train.no_grad_batch_size must be an integer in [0, "),
         ({"train.no_grad_batch_size": 4, "eta": 0.5}, "train.no_grad_batch_size=4 needs eta=0"),
-        (
-            {"train.no_grad_batch_size": 4, "gradient_path": "refl", "gradient_paths.refl_last_steps": (1, 2)},
-            "train.no_grad_batch_size=4 applies to gradient_path='truncation' only",
-        ),
     ],
 )
 def test_bad_values_are_one_clear_line(preset, tmp_path, overrides, message):

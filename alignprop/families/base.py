@@ -129,7 +129,7 @@ class Family:
     def step(self, output, timestep, latents, eta: float = 0.0, generator: torch.Generator | None = None):
         return self.scheduler.step(output, timestep, latents, eta=eta, generator=generator).prev_sample
 
-    # --- gradient paths (alignprop.gradient_paths): the noise schedule in closed form ----------------------
+    # --- gradient paths (alignprop.paths): the noise schedule in closed form ----------------------
 
     def denoised(self, output, timestep, latents):
         """The clean latents that the denoiser's `output` at `timestep` predicts (DDIM's pred_original_sample)."""

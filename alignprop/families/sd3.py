@@ -93,7 +93,7 @@ class FlowMatching(Family):
         sigmas = self.scheduler.sigmas
         return latents + (sigmas[index + 1] - sigmas[index]) * output
 
-    # --- gradient paths (alignprop.gradient_paths): x_sigma = sigma * noise + (1 - sigma) * x0, v = noise - x0 ---
+    # --- gradient paths (alignprop.paths): x_sigma = sigma * noise + (1 - sigma) * x0, v = noise - x0 ---
 
     def _sigma(self, timestep, after_step: bool = False) -> torch.Tensor:
         return self.scheduler.sigmas[self.scheduler.index_for_timestep(timestep) + int(after_step)]

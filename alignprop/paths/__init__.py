@@ -1,0 +1,37 @@
+"""Gradient paths: which denoiser calls of a training sample carry the reward's gradient, and what is scored.
+
+One module per path, each a `GradientPath` (`alignprop.paths.base`: the interface the Trainer calls), each opening
+with its reference. `gradient_path` (config) names one; `from_config` builds it, `check` validates its settings
+before the run directory exists.
+"""
+
+from __future__ import annotations
+
+from alignprop.errors import UserError
+from alignprop.paths.base import Branch, GradientPath, Plan, score
+from alignprop.paths.direct_align import DirectAlign
+from alignprop.paths.draft_lv import DraftLv
+from alignprop.paths.drtune import Drtune
+from alignprop.paths.refl import ReFL
+from alignprop.paths.truncation import Truncation
+
+REGISTRY: dict[str, type[GradientPath]] = {path.name: path for path in (Truncation, ReFL, DraftLv, Drtune, DirectAlign)}
+NAMES = tuple(REGISTRY)
+
+__all__ = ["NAMES", "REGISTRY", "Branch", "GradientPath", "Plan", "check", "from_config", "score"]
+
+
+def path_class(config) -> type[GradientPath]:
+    name = config.gradient_path
+    if name not in REGISTRY:
+        raise UserError(f"gradient_path={name!r}; choose one of: {', '.join(NAMES)}")
+    return REGISTRY[name]
+
+
+def check(config) -> None:
+    """One UserError line for the first bad gradient-path setting."""
+    path_class(config).check(config)
+
+
+def from_config(config) -> GradientPath:
+    return path_class(config)(config)

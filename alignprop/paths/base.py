@@ -1,0 +1,125 @@
+"""The gradient-path interface: what one micro-batch's sampling pass hands to the reward, and with which weights.
+
+A gradient path decides which denoiser calls of a training sample carry the reward's gradient and what is
+decoded and scored. The Trainer uses every path the same way, for every micro-batch:
+
+1. `draw(random, model, latents)` -> a `Plan`: every random choice of the micro-batch (trained steps, noise
+   levels, extra noise), drawn when the micro-batch is drawn, from the trainer's streams only (`plans` for
+   indices and levels, `latents` for noise), so runs stay reproducible and resumable and the draws do not
+   depend on when the sampling runs.
+2. `gradient_free_steps(plan)`: how many leading sampler steps are plain steps without gradient. The no-grad
+   prefix (`alignprop.prefix`, `train.no_grad_batch_size`) may run those for many micro-batches at once and
+   hand the latents over at that step (`start`).
+3. `sample(model, conditioning, latents, plan, options, start, generator)` -> the `Branch`es: latents to decode
+   and score, each with its loss weight. The Trainer decodes, scores and shapes the loss of each branch and
+   sums them with their weights.
+
+A path gets the model's family (its schedule hooks: `set_timesteps`, `step`, `denoised`, `add_noise`, ...), the
+sampling options and its plan; never the Trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from alignprop.prefix import prefix_length
+from alignprop.rewards.base import RewardResult
+from alignprop.sampling import SamplingOptions, initial_latents, sample
+
+
+@dataclass(frozen=True)
+class Branch:
+    """Latents to decode and score, with their loss weight.
+
+    `name` says what was scored ("final": the finished sample; "x0": a one-step prediction of it; ...), and
+    is what metrics.jsonl logs the branch's reward under. `inverted`: scored with the reward negated (SRPO's
+    inversion branch). `positive_boost`: SRPO's discount inside a relative reward, ((1 + k) positive - negative)
+    (0: the plain reward)."""
+
+    name: str
+    latents: torch.Tensor
+    weight: float = 1.0
+    inverted: bool = False
+    positive_boost: float = 0.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The random choices of one micro-batch. `trained[i]`: step i's denoiser call carries gradient (0 = first,
+    noisiest). Paths subclass it with their own draws; `record()` is what metrics.jsonl logs of it."""
+
+    trained: tuple[bool, ...]
+
+    def trained_steps(self) -> list[int]:
+        return [step for step, keeps in enumerate(self.trained) if keeps]
+
+    def record(self) -> dict:
+        return {"trained_steps": self.trained_steps()}
+
+
+class GradientPath:
+    """One gradient path. Subclasses set `name` and `reference` and implement `draw` and `sample`."""
+
+    name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""  # the paper and the reference code file it follows
+
+    def __init__(self, config):
+        self.steps = config.steps
+
+    @staticmethod
+    def check(config) -> None:
+        """One UserError line for the first setting of this path the run cannot honour."""
+
+    def draw(self, random, model, latents: torch.Tensor) -> Plan:
+        raise NotImplementedError
+
+    def gradient_free_steps(self, plan: Plan) -> int:
+        """Leading sampler steps without gradient (the steps before the first trained one, by default)."""
+        return prefix_length(plan.trained)
+
+    def sample(self, model, conditioning, latents, plan: Plan, options: SamplingOptions, start=0, generator=None):
+        """The micro-batch's branches (a list of `Branch`); `latents` are those at step `start`."""
+        raise NotImplementedError
+
+
+# --- pieces several paths share ------------------------------------------------------------------------------
+
+
+def flags(steps: int, trained) -> tuple[bool, ...]:
+    """`trained` (step indices) as a per-step tuple of booleans."""
+    return tuple(step in trained for step in range(steps))
+
+
+def rollout(model, conditioning, latents, options, start=0, stop=None, generator=None) -> torch.Tensor:
+    """The sampler from step `start` to step `stop` (default: the end) without gradient."""
+    with torch.no_grad():
+        return sample(model, conditioning, latents, (False,) * options.steps, options, generator, start, stop=stop)
+
+
+def fresh_noise(model, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise drawn as the starting latents are (scaled by init_noise_sigma, 1 for DDIM and flow
+    matching; packed for FLUX), from `generator`."""
+    return initial_latents(latents.shape[0], model, generator, latents.device).to(latents.dtype)
+
+
+def uniform_int(low: int, high: int, generator: torch.Generator) -> int:
+    """An integer ~ U{low..high} (inclusive) from `generator`."""
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def score(reward, branch: Branch, images: torch.Tensor, prompts: list[str]):
+    """The branch's RewardResult: SRPO's boosted relative reward when `positive_boost`, negated when `inverted`."""
+    if branch.positive_boost:
+        result = reward.score(images, prompts, positive_boost=branch.positive_boost)
+    else:
+        result = reward.score(images, prompts)
+    return negated(result) if branch.inverted else result
+
+
+def negated(result: RewardResult) -> RewardResult:
+    """The reward with its sign flipped (loss -> -loss, reward -> -reward): SRPO scores its inversion branch
+    with the relative reward's two prompts swapped, gradient descent where the denoise branch ascends."""
+    return RewardResult(-result.loss, -result.reward, result.metrics)
