@@ -382,6 +382,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "trunc_backprop_timestep": Int(0, 1000, note="the cut of fixed; 100, the base's, is accepted while unused"),
     "truncation_gaussian_mean": Number(),
     "truncation_gaussian_std": POSITIVE,
+    "flow_sigmas": Text(choices=("pipeline", "flowbp")),
     "grad_checkpoint": Flag(),
     "decode_checkpoint": Flag(),
     "native_dtype": Flag(),
@@ -401,6 +402,11 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "gradient_paths.direct_align_noise_source": Text(choices=lambda: _direct_align().NOISE_SOURCES),
     "gradient_paths.direct_align_branch": Text(choices=lambda: _direct_align().BRANCHES),
     "gradient_paths.direct_align_inversion_discount": Pair(Number(0, None)),
+    "gradient_paths.leapalign.alpha": Number(0, 1),
+    "gradient_paths.leapalign.tau": POSITIVE,
+    "gradient_paths.leapalign.uncond_gradient": Flag(),
+    # --- FlowBP knobs ---
+    # --- end FlowBP knobs ---
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),
     "block_checkpoint": Flag(),

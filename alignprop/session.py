@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from alignprop import models
+from alignprop import models, paths
 from alignprop.families import Family
 from alignprop.prompts import load_prompts
 from alignprop.rewards import Reward, build_reward
@@ -52,6 +52,7 @@ def build_session(config) -> Session:
     model = models.load_model(pretrained.model, pretrained.revision, dtype, pretrained.vae, single_file_config=layout)
     model.pipeline.to(accelerator.device)
     model.check_options(sampling_options_from_config(config))
+    paths.from_config(config, model.name).check_model(model)
     if pretrained.get("max_sequence_length", 0):
         model.set_max_sequence_length(pretrained.max_sequence_length)
     if config.block_checkpoint:

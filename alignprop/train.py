@@ -137,7 +137,7 @@ class Trainer:
         total_updates = config.num_epochs * batches.updates_per_epoch
         self.lr_scheduler = make_lr_scheduler(config.train, self.optimizer, total_updates)
         self.options = sampling_options_from_config(config)
-        self.path = paths.from_config(config)
+        self.path = paths.from_config(config, self.model.name)
         self.shape_loss = shaper_from_config(config)  # the reward's loss, or ReFL/SRPO's threshold form
         self.prompts = load_prompts(config.prompt_fn)
         self.evaluator = evaluator_for(session, config, batches.batch_size)

@@ -149,6 +149,9 @@ def general():
     config.trunc_backprop_timestep = 100  # the cut of "fixed" (unused while off or random)
     config.truncation_gaussian_mean = 42.0
     config.truncation_gaussian_std = 5.0
+    # Flow-matching sigma grid: "pipeline" (the stock pipeline's, what users sample with) | "flowbp" (FlowBP's
+    # training rollouts: linspace(1, 1/N, N) then the scheduler's shift; differs from the pipeline's on SD3/SD3.5).
+    config.flow_sigmas = "pipeline"
     config.grad_checkpoint = True  # checkpoint every UNet call that keeps its gradient
     config.decode_checkpoint = False  # checkpoint the VAE decode too (benchmarks/README.md)
     # Run the frozen networks in their own bf16/fp16 with autocast off (LoRA maths stays fp32); less memory.
@@ -176,6 +179,13 @@ def general():
     paths.direct_align_branch = "denoise"
     paths.direct_align_inversion_discount = (0.3, 0.01)  # the inversion branch's weights (SRPO's discount_inv)
     paths.direct_align_noise_source = "initial"  # "initial": the sample's starting noise (SRPO); "fresh": a new draw
+    # LeapAlign (alignprop/paths/leapalign.py): FlowBP's configs/final/{sd35,flux1}/*_leapalign.yaml, equal for both.
+    paths.leapalign = leap = ml_collections.ConfigDict()
+    leap.alpha = 0.3  # share of the gradient that enters step j's denoiser through its input
+    leap.tau = 0.1  # floor of both distances in the per-sample weight 1 / (max(d_j, tau) + max(d_0, tau))
+    leap.uncond_gradient = True  # the unconditional CFG half keeps its gradient (SD3.5 config: cfg_detach_neg false)
+    # --- FlowBP knobs (alignprop/paths/flowbp_*.py) ---
+    # --- end FlowBP knobs ---
     # The original's training noise: every evaluation reseeded the generator the training latents come from with
     # `seed`, so with vis_freq=1 every update after the first drew the same latents, on every process. Off: fresh
     # latents from per-process streams (README: differences from the original code).

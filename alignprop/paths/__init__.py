@@ -33,5 +33,7 @@ def check(config) -> None:
     path_class(config).check(config)
 
 
-def from_config(config) -> GradientPath:
-    return path_class(config)(config)
+def from_config(config, family: str = "") -> GradientPath:
+    """The configured path; `family` (the model family's name, e.g. "sd3", "flux") picks the defaults of paths
+    whose reference configs differ by model."""
+    return path_class(config)(config, family)

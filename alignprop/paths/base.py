@@ -66,12 +66,17 @@ class GradientPath:
     name: ClassVar[str] = ""
     reference: ClassVar[str] = ""  # the paper and the reference code file it follows
 
-    def __init__(self, config):
+    def __init__(self, config, family: str = ""):
         self.steps = config.steps
+        self.family = family  # the model family's name ("sd", "sdxl", "sd3", "flux"; "" when unknown)
 
     @staticmethod
     def check(config) -> None:
         """One UserError line for the first setting of this path the run cannot honour."""
+
+    def check_model(self, model) -> None:
+        """One UserError line when the path cannot run on `model`'s family (called once the model is loaded,
+        before the run directory exists)."""
 
     def draw(self, random, model, latents: torch.Tensor) -> Plan:
         raise NotImplementedError

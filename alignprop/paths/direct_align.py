@@ -50,8 +50,8 @@ class DirectAlign(GradientPath):
     name = "direct_align"
     reference = "Direct-Align (SRPO), arXiv 2509.06942; Tencent-Hunyuan/SRPO fastvideo/SRPO.py"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family: str = ""):
+        super().__init__(config, family)
         knobs = config.gradient_paths
         self.noise_range = tuple(knobs.direct_align_noise)
         self.discount = tuple(knobs.direct_align_discount)

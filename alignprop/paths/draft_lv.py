@@ -39,8 +39,8 @@ class DraftLv(GradientPath):
     name = "draft_lv"
     reference = "DRaFT-LV, arXiv 2309.17400; FlowBP flowbp/trainers/sd35/draft_lv.py"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family: str = ""):
+        super().__init__(config, family)
         knobs = config.gradient_paths
         self.renoise = knobs.draft_lv_renoise
         self.combine = knobs.draft_lv_combine

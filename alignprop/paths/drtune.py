@@ -43,8 +43,8 @@ class Drtune(GradientPath):
     name = "drtune"
     reference = "DRTune, arXiv 2405.00760; RuoyuWang-2077/FlowBP @ 93b220a flowbp/trainers/sd35/drtune.py"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family: str = ""):
+        super().__init__(config, family)
         knobs = config.gradient_paths
         self.train_steps = knobs.drtune_train_steps
         self.early_stop = knobs.drtune_early_stop

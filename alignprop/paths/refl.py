@@ -35,8 +35,8 @@ class ReFL(GradientPath):
     name = "refl"
     reference = "ReFL, arXiv 2304.05977; THUDM/ImageReward ImageReward/ReFL.py; FlowBP flowbp/trainers/sd35/refl.py"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family: str = ""):
+        super().__init__(config, family)
         self.last_steps = tuple(config.gradient_paths.refl_last_steps)
         self.uncond_gradient = config.gradient_paths.refl_uncond_gradient
 

@@ -24,8 +24,8 @@ class Truncation(GradientPath):
     name = "truncation"
     reference = "AlignProp, arXiv 2310.03739; mihirp1998/AlignProp @ 7f4503f main.py"
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, family: str = ""):
+        super().__init__(config, family)
         self.strategy = truncation_from_config(config)
 
     @staticmethod
