@@ -52,6 +52,7 @@ def build_session(config) -> Session:
     model = models.load_model(pretrained.model, pretrained.revision, dtype, pretrained.vae, single_file_config=layout)
     model.pipeline.to(accelerator.device)
     model.check_options(sampling_options_from_config(config))
+    model.set_sigma_grid(config.get("flow_sigmas", "pipeline"))
     paths.from_config(config, model.name).check_model(model)
     if pretrained.get("max_sequence_length", 0):
         model.set_max_sequence_length(pretrained.max_sequence_length)

@@ -173,11 +173,16 @@ def general():
     paths.drtune_train_steps = 3  # DRTune: K equally spaced trained steps up to the early stop (FlowBP's K = 3)
     paths.drtune_early_stop = 0.4  # DRTune: stop at m = T - r, r ~ U{1..round(0.4 T)}; score x0 there (0: off)
     paths.drtune_uncond_gradient = False
-    paths.direct_align_noise = (0.75, 0.96)  # Direct-Align: noise level ~ U(min, max), flow-matching scale (SRPO's)
-    paths.direct_align_discount = (0.1, 0.25)  # loss weight at the range's low / high noise end (SRPO's discount_pos)
-    # Direct-Align's branches: "denoise" (SRPO's step down) | "inversion" (its step up, reward sign flipped) | "both".
-    paths.direct_align_branch = "denoise"
-    paths.direct_align_inversion_discount = (0.3, 0.01)  # the inversion branch's weights (SRPO's discount_inv)
+    # Direct-Align (alignprop/paths/direct_align.py): SRPO's HPS script. Levels "continuous" (SRPO's 1000-point grid
+    # linear in sigma over direct_align_noise, flow models) | "sampler" (the sampler's levels) | "auto" (by family).
+    paths.direct_align_levels = "auto"
+    paths.direct_align_noise = (0.75, 0.9642857)  # sigma range: SRPO's shift-3 50-step grid, steps 25 and 5
+    paths.direct_align_gap = 100  # grid points between the model's level and the recovery level (SRPO's k)
+    paths.direct_align_discount = (0.1, 0.25)  # d_pos at the low / high noise end (SRPO's discount_pos)
+    # Direct-Align's branches: "denoise" (SRPO's step down) | "inversion" (its step up, reward the other way round) |
+    # "both" (SRPO: one per accumulation step, averaged).
+    paths.direct_align_branch = "both"
+    paths.direct_align_inversion_discount = (0.3, 0.01)  # d_inv (SRPO's discount_inv)
     paths.direct_align_noise_source = "initial"  # "initial": the sample's starting noise (SRPO); "fresh": a new draw
     # LeapAlign (alignprop/paths/leapalign.py): FlowBP's configs/final/{sd35,flux1}/*_leapalign.yaml, equal for both.
     paths.leapalign = leap = ml_collections.ConfigDict()

@@ -15,7 +15,7 @@ from alignprop import paths
 from alignprop.errors import UserError
 from alignprop.lora_files import LORA_FILE_NAME as LORA_FILE
 from alignprop.paths.base import negated
-from alignprop.paths.direct_align import discount
+from alignprop.paths.direct_align import linear_discount
 from alignprop.presets import load_preset
 from alignprop.randomness import RandomStreams
 from alignprop.rewards import RewardResult
@@ -151,14 +151,19 @@ def drtune(model, conditioning, latents, options, trained, stop=DRTUNE_STOP):
 
 
 def direct_align(model, conditioning, latents, options, level, noise, weight, branch="denoise", inversion_weight=0.0):
-    """Direct-Align at `level` with the given branch weights (the discount ranges set so that they come out)."""
+    """Direct-Align on the sampler's levels at `level`, with the given branch discounts (the discount ranges set so
+    that they come out); "both" averages its two branches."""
     path = path_of(
         "direct_align",
+        direct_align_levels="sampler",
         direct_align_branch=branch,
         direct_align_discount=(weight, weight),
         direct_align_inversion_discount=(inversion_weight, inversion_weight),
     )
-    return path.sample(model, conditioning, latents, path.plan(model, level, noise, latents.device), options)
+    return path.sample(model, conditioning, latents, path.sampler_plan(model, level, noise, latents.device), options)
+
+
+# --- running both --------------------------------------------------------------------------------------------
 
 
 def inputs(model):
@@ -214,8 +219,9 @@ def test_direct_align_inversion_branch_gradients_equal_the_naive_definition(mode
         model64, conditioning, latents, SamplingOptions(STEPS, GUIDANCE), level, noises[0], 0.3, branch, 0.7
     )
     naive = naive_direct_align_inversion(model64, conditioning, latents, 2, noises[0], 0.7)
-    if branch == "both":
-        naive = naive_direct_align(model64, conditioning, latents, 2, noises[0], 0.3) + naive
+    if branch == "both":  # averaged: each branch's discounted loss halved
+        both = naive_direct_align(model64, conditioning, latents, 2, noises[0], 0.3) + naive
+        naive = [(latents, weight / 2) for latents, weight in both]
     assert [branch.inverted for branch in ours] == ([False, True] if branch == "both" else [True])
     expected = grads_of(model64, naive)
     errors = relative_errors(grads_of(model64, ours), expected)
@@ -254,10 +260,10 @@ def test_flow_inversion_never_steps_up_to_pure_noise(flow64):
     conditioning, latents, noises = inputs(flow64)
     timesteps = flow64.set_timesteps(STEPS, "cpu")
     options = SamplingOptions(STEPS, GUIDANCE)
-    path = path_of("direct_align", direct_align_branch="inversion")
-    plan = path.plan(flow64, 1.0, noises[0], latents.device)
+    path = path_of("direct_align", direct_align_branch="inversion", direct_align_levels="sampler")
+    plan = path.sampler_plan(flow64, 1.0, noises[0], latents.device)
     sample = path.sample(flow64, conditioning, latents, plan, options)
-    assert plan.trained.index(True) == 2 and flow64.noise_level(timesteps[0]) == 1.0
+    assert plan.index == 2 and flow64.noise_level(timesteps[0]) == 1.0
     assert torch.isfinite(sample[0].latents).all()
 
 
@@ -352,8 +358,8 @@ def test_refl_step_lies_in_the_configured_range():
 
 
 def test_direct_align_discount_is_linear_in_the_level():
-    assert discount(0.75, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.1)
-    assert discount(0.85, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.175)
+    assert linear_discount(0.75, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.1)
+    assert linear_discount(0.85, (0.75, 0.95), (0.1, 0.25)) == pytest.approx(0.175)
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,14 @@ class Family:
             f"{self.name} model without T5: leave it at 0"
         )
 
+    def set_sigma_grid(self, grid: str) -> None:
+        """`flow_sigmas`: the flow-matching sigma grid; DDIM families have only their own schedule."""
+        if grid != "pipeline":
+            raise UserError(
+                f"flow_sigmas={grid!r} chooses a flow-matching sigma grid; this {self.name} model samples with DDIM "
+                "on its own schedule: leave flow_sigmas='pipeline'"
+            )
+
     def guided(self, options) -> bool:
         """Whether sampling runs classifier-free guidance (one batched call over [uncond; cond]). At guidance 1,
         uncond + 1 * (cond - uncond) = cond: the unconditional half is skipped (as diffusers does)."""

@@ -108,7 +108,8 @@ class Flux(FlowMatching):
 
     def set_timesteps(self, steps: int, device: torch.device) -> torch.Tensor:
         """The stock pipeline's schedule: sigmas linspace(1, 1/steps), shifted by the scheduler with
-        `calculate_shift`'s mu for the packed sequence length (dev; schnell's scheduler does not shift)."""
+        `calculate_shift`'s mu for the packed sequence length (dev; schnell's scheduler does not shift). This is
+        also FlowBP's training grid, so flow_sigmas="flowbp" changes nothing here."""
         scheduler = self.scheduler
         sigmas = np.linspace(1.0, 1 / steps, steps)
         if getattr(scheduler.config, "use_flow_sigmas", False):

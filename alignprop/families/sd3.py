@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
@@ -29,6 +30,7 @@ class FlowMatching(Family):
     # 2 x the VAE's downsampling (16 for SD3 and FLUX: the transformer patches / packs latents 2x2).
     resolution: int | None = None
     max_sequence_length = 256  # T5 prompt tokens: the stock pipeline's default (`set_max_sequence_length`)
+    sigma_grid = "pipeline"  # `flow_sigmas`: "pipeline" (the stock pipeline's) | "flowbp" (`flowbp_sigmas`)
 
     @property
     def default_resolution(self) -> int:
@@ -57,6 +59,14 @@ class FlowMatching(Family):
     def set_max_sequence_length(self, tokens: int) -> None:
         """The T5 prompt length `encode` asks for (both T5 families; the stock pipelines' `max_sequence_length`)."""
         self.max_sequence_length = tokens
+
+    def set_sigma_grid(self, grid: str) -> None:
+        self.sigma_grid = grid
+
+    def flowbp_sigmas(self, steps: int):
+        """FlowBP's training-rollout grid, linspace(1, 1/N, N) before the scheduler's shift
+        (`RuoyuWang-2077/FlowBP` @ 93b220a `flowbp/trainers/sd35/leapalign.py:100-126`); None: the pipeline's."""
+        return np.linspace(1.0, 1 / steps, steps) if self.sigma_grid == "flowbp" else None
 
     def check_options(self, options) -> None:
         """Refuse sampling options that have no meaning for a flow-matching model (one line each)."""
@@ -160,7 +170,9 @@ class StableDiffusion3(FlowMatching):
 
     def set_timesteps(self, steps: int, device: torch.device) -> torch.Tensor:
         """The stock pipeline's schedule: the scheduler's shifted sigmas, with `calculate_shift`'s mu when the
-        scheduler shifts dynamically (it does not for the released SD3 / SD3.5 configs)."""
+        scheduler shifts dynamically (it does not for the released SD3 / SD3.5 configs); with flow_sigmas="flowbp"
+        the shift is applied to FlowBP's linspace(1, 1/N, N) instead (last sigma 0.111 at 25 steps and shift 3,
+        the pipeline's 0.0089)."""
         scheduler, kwargs = self.scheduler, {}
         if scheduler.config.get("use_dynamic_shifting", None):
             patch = self.denoiser.config.patch_size
@@ -172,7 +184,7 @@ class StableDiffusion3(FlowMatching):
                 scheduler.config.get("base_shift", 0.5),
                 scheduler.config.get("max_shift", 1.16),
             )
-        timesteps, _ = retrieve_timesteps(scheduler, steps, device, **kwargs)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=self.flowbp_sigmas(steps), **kwargs)
         return timesteps
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:

@@ -27,21 +27,22 @@ import torch
 
 from alignprop.prefix import prefix_length
 from alignprop.rewards.base import RewardResult
+from alignprop.rewards.relative import Relative
 from alignprop.sampling import SamplingOptions, initial_latents, sample
 
 
 @dataclass(frozen=True)
 class Branch:
-    """Latents to decode and score, with their loss weight.
+    """Latents to decode and score, with their loss weight (a number, or one per sample).
 
     `name` says what was scored ("final": the finished sample; "x0": a one-step prediction of it; ...), and
     is what metrics.jsonl logs the branch's reward under. `inverted`: scored with the reward negated (SRPO's
-    inversion branch). `positive_boost`: SRPO's discount inside a relative reward, ((1 + k) positive - negative)
-    (0: the plain reward)."""
+    inversion branch; a relative reward has its two phrases swapped instead). `positive_boost`: SRPO's discount
+    k inside a relative reward, (1 + k) positive - negative (ignored by other rewards)."""
 
     name: str
     latents: torch.Tensor
-    weight: float = 1.0
+    weight: float | torch.Tensor = 1.0
     inverted: bool = False
     positive_boost: float = 0.0
 
@@ -116,11 +117,11 @@ def uniform_int(low: int, high: int, generator: torch.Generator) -> int:
 
 
 def score(reward, branch: Branch, images: torch.Tensor, prompts: list[str]):
-    """The branch's RewardResult: SRPO's boosted relative reward when `positive_boost`, negated when `inverted`."""
-    if branch.positive_boost:
-        result = reward.score(images, prompts, positive_boost=branch.positive_boost)
-    else:
-        result = reward.score(images, prompts)
+    """The branch's RewardResult. A relative reward (SRPO's) scores with the branch's boost, its phrases swapped
+    when `inverted`; any other reward is negated when `inverted`."""
+    if isinstance(reward, Relative):
+        return reward.score(images, prompts, positive_boost=branch.positive_boost, swapped=branch.inverted)
+    result = reward.score(images, prompts)
     return negated(result) if branch.inverted else result
 
 

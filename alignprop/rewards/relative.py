@@ -24,12 +24,21 @@ class Relative(Reward):
         super().__init__()
         self.base, self.positive, self.negative = base, positive, negative
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> RewardResult:
-        positive = self.base.score(images, controlled(self.positive, prompts))
-        negative = self.base.score(images, controlled(self.negative, prompts))
+    def score(
+        self, images: torch.Tensor, prompts: list[str], positive_boost: float = 0.0, swapped: bool = False
+    ) -> RewardResult:
+        """(1 + positive_boost) r(positive) - r(negative); `swapped`: the two phrases exchanged. SRPO's Direct-Align
+        puts its discount k there: (1 + k) pos - neg on its denoise branch, (1 + k) neg - pos on its inversion
+        branch (`Tencent-Hunyuan/SRPO` `fastvideo/SRPO.py:223-236, 618-620`)."""
+        first, second = (self.negative, self.positive) if swapped else (self.positive, self.negative)
+        positive = self.base.score(images, controlled(first, prompts))
+        negative = self.base.score(images, controlled(second, prompts))
         metrics = {"reward_positive": positive.reward.detach(), "reward_negative": negative.reward.detach()}
-        # Every text-conditioned loss is (constant - reward) x scale, so the loss difference is -(relative reward).
-        return RewardResult(positive.loss - negative.loss, (positive.reward - negative.reward).detach(), metrics)
+        boost = 1.0 + positive_boost
+        # Every text-conditioned loss is (constant - reward) x scale, so this loss is -(the relative reward) x scale
+        # up to a constant.
+        reward = (boost * positive.reward - negative.reward).detach()
+        return RewardResult(boost * positive.loss - negative.loss, reward, metrics)
 
 
 def check_relative_control(reward_fn: str, control) -> None:
