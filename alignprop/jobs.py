@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignprop import checkpoint, evaluate, runtime, soup, train
+from alignprop import checkpoint, evaluate, paths, runtime, soup, train
 from alignprop.batching import BatchPlan
 from alignprop.checkpoint import BASE_MODEL
 from alignprop.errors import UserError
@@ -100,8 +100,8 @@ def holds_only_the_config(run_dir: Path) -> bool:
     return all(path.name == "config.json" or path.is_dir() for path in run_dir.rglob("*"))
 
 
-def describe(job: Job, config, run_dir: Path) -> str:
-    """The start-up lines: where things go and, for training, the batch arithmetic."""
+def describe(job: Job, config, run_dir: Path, family: str = "") -> str:
+    """The start-up lines: where things go and, for training, the batch arithmetic and the gradient path."""
     lines = [f"run directory: {run_dir}"]
     if job.kind == "train":
         b = job.batches
@@ -111,6 +111,7 @@ def describe(job: Job, config, run_dir: Path) -> str:
             f"{b.updates_per_epoch} update(s) per epoch x {config.num_epochs} epochs",
             f"checkpoints: {run_dir / checkpoint.CHECKPOINTS_DIR} (every {config.save_freq} epochs); "
             f"final LoRA: {run_dir / 'lora'}; metrics: {run_dir / 'metrics.jsonl'}",
+            paths.from_config(config, family).describe(),
         ]
     return "\n".join(lines)
 
@@ -123,7 +124,7 @@ def run_job(config) -> tuple[Job, Path, object]:
     session = build_session(config)  # a model or reward that cannot load fails here, before any file exists
     run_dir = shared_run_dir(config)
     if PartialState().is_main_process:
-        print(describe(job, config, run_dir), flush=True)
+        print(describe(job, config, run_dir, session.model.name), flush=True)
     try:
         return job, run_dir, job.work(session, run_dir)
     except Exception as error:

@@ -404,7 +404,7 @@ def test_threshold_shape_is_the_hinge_and_keeps_the_loss_gradient_below_it():
 
 
 @pytest.mark.parametrize("path", ["refl", "draft_lv", "drtune", "direct_align"])
-def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_path, path):
+def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_path, path, capsys):
     from alignprop.jobs import run_job
 
     config = small_config(
@@ -418,12 +418,19 @@ def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_pa
         **{"gradient_paths.refl_last_steps": (1, 2), "gradient_paths.drtune_train_steps": 2},
     )
     _, run_dir, _ = run_job(config)
+    startup = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gradient path:")]
+    assert len(startup) == 1 and startup[0].startswith(f"gradient path: {path} (") and "reference: " in startup[0]
     assert list((run_dir / "checkpoints").glob("checkpoint_1*")), "no checkpoint written"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "grad_norm" in r]
     assert len(updates) == 2 and all(r["grad_norm"] > 0 for r in updates)
     evaluations = [r for r in records if r.get("eval")]
     assert evaluations and all("heldout_compressibility_mean" in r for r in evaluations)
+    scored = {"refl": "x0", "draft_lv": "final", "drtune": "x0", "direct_align": "denoise"}[path]
+    assert all(r["scored"] == scored and len(r["plans"]) == len(r["kept_steps"]) for r in updates)
+    if path in ("draft_lv", "direct_align"):  # several branches: each one's reward, by what it scored
+        names = ["reward_renoised_1_mean"] if path == "draft_lv" else ["reward_inversion_mean"]
+        assert all(name in r for r in updates for name in names)
 
 
 # --- flow matching (SD3): the same paths on the Euler step, x_sigma = sigma * noise + (1 - sigma) * x0 --------

@@ -70,6 +70,17 @@ class GradientPath:
     def __init__(self, config, family: str = ""):
         self.steps = config.steps
         self.family = family  # the model family's name ("sd", "sdxl", "sd3", "flux"; "" when unknown)
+        nested = config.gradient_paths.get(self.name)  # the knobs of a path configured as its own section
+        self.knobs = nested.to_dict() if hasattr(nested, "to_dict") else {}
+
+    def settings(self) -> dict:
+        """What the start-up line shows of this path's settings (its own section's knobs, by default)."""
+        return dict(self.knobs)
+
+    def describe(self) -> str:
+        """The start-up line: the path, its settings and its reference."""
+        settings = ", ".join(f"{key}={value}" for key, value in self.settings().items())
+        return f"gradient path: {self.name} ({settings}); reference: {self.reference}"
 
     @staticmethod
     def check(config) -> None:

@@ -112,6 +112,18 @@ class DirectAlign(GradientPath):
                 "(the inversion steps up a level, never to pure noise)"
             )
 
+    def settings(self) -> dict:
+        levels = {"levels": "continuous", "gap": self.gap} if self.continuous else {"levels": "sampler"}
+        return {
+            **levels,
+            "noise": self.noise_range,
+            "branch": self.branch,
+            "discount": self.discount,
+            "inversion_discount": self.inversion_discount,
+            "discount_in": "relative reward" if self.relative else "loss weight",
+            "noise_source": self.noise_source,
+        }
+
     # --- plans ---------------------------------------------------------------------------------------------
 
     def draw(self, random, model, latents) -> DirectAlignPlan:

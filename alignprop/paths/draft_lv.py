@@ -57,6 +57,9 @@ class DraftLv(GradientPath):
                 f"choose one of: {', '.join(COMBINE)}"
             )
 
+    def settings(self) -> dict:
+        return {"renoise": self.renoise, "combine": self.combine, "uncond_gradient": self.uncond_gradient}
+
     def plan(self, noises) -> DraftLvPlan:
         return DraftLvPlan(flags(self.steps, {self.steps - 1}), tuple(noises))
 

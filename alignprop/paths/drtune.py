@@ -61,6 +61,9 @@ class Drtune(GradientPath):
                 f"gradient_paths.drtune_early_stop={ratio} must lie in [0, 1] (a fraction of the steps; 0: off)"
             )
 
+    def settings(self) -> dict:
+        return {"train_steps": self.train_steps, "early_stop": self.early_stop, "uncond_gradient": self.uncond_gradient}
+
     def plan(self, stop: int, trained_steps) -> DrtunePlan:
         return DrtunePlan(flags(self.steps, set(trained_steps)), stop)
 

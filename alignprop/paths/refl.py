@@ -49,6 +49,9 @@ class ReFL(GradientPath):
                 "(k-th step from the end; 1 = the last)"
             )
 
+    def settings(self) -> dict:
+        return {"last_steps": self.last_steps, "uncond_gradient": self.uncond_gradient}
+
     def plan(self, step: int) -> ReflPlan:
         return ReflPlan(flags(self.steps, {step}), step)
 

@@ -32,6 +32,16 @@ class Truncation(GradientPath):
     def check(config) -> None:
         truncation_from_config(config)
 
+    def settings(self) -> dict:
+        strategy = self.strategy
+        chosen = {
+            "fixed": {"cut": strategy.cut},
+            "per_step_uniform": {"minmax": strategy.minmax},
+            "uniform": {"minmax": strategy.minmax},
+            "gaussian": {"mean": strategy.gaussian_mean, "std": strategy.gaussian_std},
+        }
+        return {"strategy": strategy.strategy, "steps": strategy.steps, **chosen.get(strategy.strategy, {})}
+
     def draw(self, random, model, latents) -> TruncationPlan:
         return TruncationPlan(self.strategy.draw(random.plans))
 
