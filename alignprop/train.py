@@ -254,6 +254,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "kept_steps": [out.plan.trained_steps() for out in scored],
             "plans": [out.plan.record() for out in scored],
+            "gradient_calls": sum(self.path.gradient_calls(out.plan) for out in scored) / len(scored),
             "scored": scored[0].scored_as,
             "seconds": seconds,
         }

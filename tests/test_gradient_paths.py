@@ -428,6 +428,8 @@ def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_pa
     assert evaluations and all("heldout_compressibility_mean" in r for r in evaluations)
     scored = {"refl": "x0", "draft_lv": "final", "drtune": "x0", "direct_align": "denoise"}[path]
     assert all(r["scored"] == scored and len(r["plans"]) == len(r["kept_steps"]) for r in updates)
+    calls = {"refl": 1, "draft_lv": 3, "drtune": 2, "direct_align": 2}[path]  # drtune: K = 2 of >= 2 steps
+    assert all(r["gradient_calls"] == calls for r in updates)
     if path in ("draft_lv", "direct_align"):  # several branches: each one's reward, by what it scored
         names = ["reward_renoised_1_mean"] if path == "draft_lv" else ["reward_inversion_mean"]
         assert all(name in r for r in updates for name in names)

@@ -93,6 +93,10 @@ class GradientPath:
     def draw(self, random, model, latents: torch.Tensor) -> Plan:
         raise NotImplementedError
 
+    def gradient_calls(self, plan: Plan) -> int:
+        """Denoiser calls with gradient per sample (a guided call over [uncond; cond] counts once)."""
+        return len(plan.trained_steps())
+
     def gradient_free_steps(self, plan: Plan) -> int:
         """Leading sampler steps without gradient (the steps before the first trained one, by default)."""
         return prefix_length(plan.trained)

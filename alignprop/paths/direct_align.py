@@ -152,6 +152,9 @@ class DirectAlign(GradientPath):
         d_inv = linear_discount(level, self.noise_range, self.inversion_discount)
         return DirectAlignPlan(flags(self.steps, {step}), step, level, d_pos, d_inv, noise)
 
+    def gradient_calls(self, plan) -> int:
+        return 2 if self.branch == "both" else 1
+
     def gap_at(self, s: int) -> int:
         return min(GRID - s, self.gap, s)
 

@@ -60,6 +60,9 @@ class DraftLv(GradientPath):
     def settings(self) -> dict:
         return {"renoise": self.renoise, "combine": self.combine, "uncond_gradient": self.uncond_gradient}
 
+    def gradient_calls(self, plan) -> int:
+        return 1 + len(plan.noises)
+
     def plan(self, noises) -> DraftLvPlan:
         return DraftLvPlan(flags(self.steps, {self.steps - 1}), tuple(noises))
 
