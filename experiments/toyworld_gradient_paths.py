@@ -9,7 +9,8 @@ Each run is the training loop on the model's demo preset (`tiny` for `toyworld`,
 with `experiments.toyworld_alignprop`'s settings (40 updates of 16 samples, the preset's sampling steps and
 guidance, lr 1e-3, rank 4), changing only the gradient path: truncation as fixed K=1 (only the last step keeps its
 gradient), per_step_uniform and full, and every other path (`alignprop/paths/`: refl, draft_lv, drtune,
-direct_align, leapalign; the FlowBP estimators on the flow-matching model only) at its defaults. Reported, before -> after: the learned shape reward and the
+direct_align, leapalign; the FlowBP estimators on the flow-matching model only) at its defaults. Reported, before ->
+after: the learned shape reward and the
 checker's shape accuracy on the training and held-out captions (shape reward runs), and the checker's background
 accuracy under the hackable colour reward (colour reward runs; the hack paints the background in the shape's
 colour). Each row's result is written as soon as it is measured (OUT/MODEL/rows/*.json, the base model's to
