@@ -12,10 +12,15 @@ from alignprop.paths.base import Branch, GradientPath, Plan, score
 from alignprop.paths.direct_align import DirectAlign
 from alignprop.paths.draft_lv import DraftLv
 from alignprop.paths.drtune import Drtune
+from alignprop.paths.flowbp_bridge import FlowBPBridge
+from alignprop.paths.flowbp_lagrange import FlowBPLagrange
+from alignprop.paths.flowbp_sparse import FlowBPSparse
+from alignprop.paths.leapalign import LeapAlign
 from alignprop.paths.refl import ReFL
 from alignprop.paths.truncation import Truncation
 
-REGISTRY: dict[str, type[GradientPath]] = {path.name: path for path in (Truncation, ReFL, DraftLv, Drtune, DirectAlign)}
+ALL = (Truncation, ReFL, DraftLv, Drtune, DirectAlign, LeapAlign, FlowBPSparse, FlowBPBridge, FlowBPLagrange)
+REGISTRY: dict[str, type[GradientPath]] = {path.name: path for path in ALL}
 NAMES = tuple(REGISTRY)
 
 __all__ = ["NAMES", "REGISTRY", "Branch", "GradientPath", "Plan", "check", "from_config", "score"]
