@@ -123,15 +123,21 @@ def resolve(resume_from: str) -> Checkpoint:
     return checkpoints[-1]
 
 
+AVERAGE_DIR = "ema"  # a checkpoint's moving-average LoRA (train.ema_decay), beside its raw one
+
+
 def resolve_lora(source: str) -> Path:
-    """A LoRA to evaluate: a checkpoint or run (as `resolve`), a LoRA directory, a .safetensors file, or a
-    checkpoint directory of the original AlignProp code (its `pytorch_lora_weights.bin`)."""
+    """A LoRA to evaluate: a checkpoint or run (as `resolve`; its moving average when it holds one), a LoRA
+    directory, a .safetensors file, or a checkpoint directory of the original AlignProp code (its
+    `pytorch_lora_weights.bin`)."""
     path = Path(source)
     if is_original_checkpoint(path):
         return lora_file(path)
     if path.is_file() or (path.is_dir() and (path / LORA_FILE_NAME).is_file() and not looks_like_checkpoint(path)):
         return path if path.is_file() else path / LORA_FILE_NAME
-    return resolve(source).lora_path
+    saved = resolve(source)
+    averaged = saved.path / AVERAGE_DIR / LORA_FILE_NAME  # train.ema_decay: evaluate the average
+    return averaged if averaged.is_file() else saved.lora_path
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -177,11 +183,11 @@ def _write_atomically(final: Path, marker: dict, write_contents: Callable[[Path]
     try:
         write_contents(staging)
         pause_point("save")  # test hook: SIGKILL a save whose files are written but not marked
-        marker["files"] = sorted(p.name for p in staging.iterdir())
+        written = sorted(p for p in staging.rglob("*") if p.is_file())  # subdirectories too (the average's LoRA)
+        marker["files"] = [str(p.relative_to(staging)) for p in written]
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))
-        for file in staging.iterdir():
-            fsync_path(file)
-        fsync_path(staging)
+        for path in [*written, staging / MARKER_FILE, *(p for p in staging.rglob("*") if p.is_dir()), staging]:
+            fsync_path(path)
         if final.exists():  # only when a run re-saves an epoch; move the old one out of the way first
             _remove(final)
         staging.rename(final)
@@ -253,10 +259,13 @@ def build_training_state(
     random_states: list,
     nonfinite: list[int],
     lr_scheduler=None,
+    ema: dict | None = None,
 ) -> dict:
     """What `training_state.pt` holds besides the LoRA: plain tensors and containers only (the learning-rate
-    schedule's position too; a checkpoint without one resumes the schedule from its start)."""
+    schedule's position too; a checkpoint without one resumes the schedule from its start; the moving average's
+    state when train.ema_decay is on)."""
     return {
+        "ema": ema,
         "lr_scheduler": None if lr_scheduler is None else lr_scheduler.state_dict(),
         "epoch": epoch,
         "update": update,

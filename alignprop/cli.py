@@ -186,6 +186,27 @@ def explain_unknown_key(argv: list[str], error: Exception) -> str:
     return f"unknown config key {key[0] if key else str(error)!r} in a --config.* override (see {path})"
 
 
+# Gradient-path knobs that were flat keys before each path got its own section: gradient_paths.<path>_<knob> is now
+# gradient_paths.<path>.<knob> for these paths.
+FLAT_PATH_KNOBS = re.compile(
+    r"^(--?(?:no)?config\.gradient_paths\.)(refl|draft_lv|drtune|direct_align)_(\w+)(.*)$", re.S
+)
+
+
+def with_current_key_names(argv: list[str]) -> list[str]:
+    """`argv` with each former flat gradient-path key renamed to its section's key, saying so in one line each."""
+    renamed = []
+    for argument in argv:
+        match = FLAT_PATH_KNOBS.match(argument)
+        if match:
+            prefix, path, knob, rest = match.groups()
+            current = f"{prefix}{path}.{knob}"
+            print(f"note: {argument.split('=')[0]} is now {current}", file=sys.stderr)
+            argument = current + rest
+        renamed.append(argument)
+    return renamed
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every configuration error reduced to one line and exit code 2."""
     try:
@@ -312,7 +333,7 @@ def absl_main(argv) -> None:
 
 def main() -> None:
     """Entry point of main.py and `python -m alignprop` (reads sys.argv)."""
-    argv = sys.argv
+    argv = sys.argv = with_current_key_names(sys.argv)
     arguments = given_arguments(argv)
     if any(argument in HELP_ARGS for argument in arguments):
         try:

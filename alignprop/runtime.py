@@ -10,9 +10,8 @@ from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
 from alignprop.models import check_model_available, check_model_name, inference_dtype
 from alignprop.rewards.relative import check_relative_control
+from alignprop.schema import TRACKERS
 from alignprop.truncation import truncation_from_config
-
-TRACKERS = ("none", "wandb", "tensorboard")
 
 
 def effective_mixed_precision(requested: str) -> str:

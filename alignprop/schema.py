@@ -177,6 +177,22 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class Either:
+    """None (when `none` says what it means) or a value that follows one of `rules` (a side or a pair of them)."""
+
+    rules: tuple[Int | Pair, ...]
+    none: str = ""  # what None means; empty: None is refused
+
+    def expected(self) -> str:
+        return " or ".join([*([f"None ({self.none})"] if self.none else []), *(r.expected() for r in self.rules)])
+
+    def problem(self, value) -> str | None:
+        if (value is None and self.none) or any(rule.problem(value) is None for rule in self.rules):
+            return None
+        return f"must be {self.expected()}"
+
+
+@dataclass(frozen=True)
 class Names:
     """A tuple of non-empty names (of at most MAX_NAME characters)."""
 
@@ -213,10 +229,21 @@ class _Bad(Exception):
     pass
 
 
-def sweep_values(sweep) -> list[float]:
-    """The numbers of a soup_sweep value (soup.parse_coefficient's messages for a part that is not a number)."""
-    from alignprop.soup import parse_coefficient
+def parse_coefficient(value, name: str) -> float:
+    """A soup coefficient as a float (soup.py reads its values with this too)."""
+    if isinstance(value, bool):
+        raise UserError(f"{name}={value!r} is not a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise UserError(f"{name}={value!r} must be a finite number")
+    return number
 
+
+def sweep_values(sweep) -> list[float]:
+    """The numbers of a soup_sweep value (parse_coefficient's messages for a part that is not a number)."""
     if isinstance(sweep, str):
         sweep = (sweep,)
     if not isinstance(sweep, tuple | list):
@@ -240,22 +267,10 @@ def sweep_values(sweep) -> list[float]:
 # --- choices and checks that live elsewhere (imported when used: runtime imports this module) ------------
 
 
-def _trackers():
-    from alignprop.runtime import TRACKERS
-
-    return tuple(TRACKERS)
-
-
 def _precisions():
     from alignprop.models import INFERENCE_DTYPES
 
     return tuple(INFERENCE_DTYPES)
-
-
-def _soup_modes():
-    from alignprop.soup import SOUP_MODES
-
-    return tuple(SOUP_MODES)
 
 
 def _hps_versions():
@@ -296,6 +311,8 @@ def _lr_schedulers():
 
 
 EVAL_PROMPT_MODES = ("all", "original")
+TRACKERS = ("none", "wandb", "tensorboard")  # runtime.validate then checks that the package is installed
+SOUP_MODES = ("params", "delta")  # soup.py: mix every LoRA tensor | the two adapters side by side
 # torch.compile modes of `compile_denoiser` ("default" is torch.compile's mode=None); "off" does not compile.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -329,7 +346,7 @@ OPTIONAL_SOURCE = Text(note="empty: the default")
 POSITIVE = Number(0, None, low_open=True)
 SOUP_COEFFICIENT = Number(*SOUP_RANGE, note="outside [0, 1] extrapolates")
 
-RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
+RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficients] = {
     # run
     "seed": Int(0, 2**32 - 1),
     "logdir": Text(empty=False, note="a directory"),
@@ -341,14 +358,14 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "allow_tf32": Flag(),
     "debug": Flag(),
     "dry_run": Flag(),
-    "tracker": Text(choices=_trackers),
+    "tracker": Text(choices=lambda: TRACKERS),
     "max_nonfinite_in_a_row": Int(1),
     # resume / evaluate / soup
     "resume_from": Text(note="a run, checkpoint or LoRA directory, or 'stablediffusion'"),
     "resume_from_2": Text(note="a run, checkpoint or LoRA directory, or 'stablediffusion'"),
     "mixing_coef_1": SOUP_COEFFICIENT,
     "soup_inference": Flag(),
-    "soup_mode": Text(choices=_soup_modes),
+    "soup_mode": Text(choices=lambda: SOUP_MODES),
     "soup_sweep": Coefficients(),
     "only_eval": Flag(),
     "same_evaluation": Flag(),
@@ -374,6 +391,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "steps": Int(1, 1000, note="DDIM steps, at most the 1000 training timesteps"),
     "sd_guidance_scale": Number(0, 100, note="1: no guidance"),
     "eta": Number(0, 1, note="DDIM: 0 deterministic, 1 DDPM-like"),
+    "resolution": Either((Int(1, 16384), Pair(Int(1, 16384), note="height, width")), none="the model's native size"),
     # truncated backprop (names and ranges against steps: truncation.Truncation)
     "truncation_strategy": Text(empty=False, limit=MAX_NAME, note="auto or a strategy of alignprop.truncation"),
     "truncated_backprop": Flag(),
@@ -389,25 +407,55 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "compile_denoiser": Text(choices=lambda: COMPILE_MODES),
     # gradient paths (names and ranges against steps: alignprop.paths.check)
     "gradient_path": Text(empty=False, limit=MAX_NAME, note="a name of alignprop.paths.NAMES"),
-    "gradient_paths.refl_last_steps": Pair(Int(1, 1000), ordered=True),
-    "gradient_paths.refl_uncond_gradient": Flag(),
-    "gradient_paths.draft_lv_renoise": Int(1, 64),
-    "gradient_paths.draft_lv_combine": Text(choices=lambda: _draft_lv().COMBINE),
-    "gradient_paths.draft_lv_uncond_gradient": Flag(),
-    "gradient_paths.drtune_train_steps": Int(1, 1000),
-    "gradient_paths.drtune_early_stop": Number(0, 1),
-    "gradient_paths.drtune_uncond_gradient": Flag(),
-    "gradient_paths.direct_align_levels": Text(choices=lambda: _direct_align().LEVELS),
-    "gradient_paths.direct_align_gap": Int(1, 499),
-    "gradient_paths.direct_align_noise": Pair(Number(0, 1, low_open=True, high_open=True), ordered=True),
-    "gradient_paths.direct_align_discount": Pair(Number(0, None)),
-    "gradient_paths.direct_align_noise_source": Text(choices=lambda: _direct_align().NOISE_SOURCES),
-    "gradient_paths.direct_align_branch": Text(choices=lambda: _direct_align().BRANCHES),
-    "gradient_paths.direct_align_inversion_discount": Pair(Number(0, None)),
+    "gradient_paths.refl.last_steps": Pair(Int(1, 1000), ordered=True),
+    "gradient_paths.refl.uncond_gradient": Flag(),
+    "gradient_paths.draft_lv.renoise": Int(1, 64),
+    "gradient_paths.draft_lv.combine": Text(choices=lambda: _draft_lv().COMBINE),
+    "gradient_paths.draft_lv.uncond_gradient": Flag(),
+    "gradient_paths.drtune.train_steps": Int(1, 1000),
+    "gradient_paths.drtune.early_stop": Number(0, 1),
+    "gradient_paths.drtune.uncond_gradient": Flag(),
+    "gradient_paths.direct_align.levels": Text(choices=lambda: _direct_align().LEVELS),
+    "gradient_paths.direct_align.gap": Int(1, 499),
+    "gradient_paths.direct_align.noise": Pair(Number(0, 1, low_open=True, high_open=True), ordered=True),
+    "gradient_paths.direct_align.discount": Pair(Number(0, None)),
+    "gradient_paths.direct_align.noise_source": Text(choices=lambda: _direct_align().NOISE_SOURCES),
+    "gradient_paths.direct_align.branch": Text(choices=lambda: _direct_align().BRANCHES),
+    "gradient_paths.direct_align.inversion_discount": Pair(Number(0, None)),
     "gradient_paths.leapalign.alpha": Number(0, 1),
     "gradient_paths.leapalign.tau": POSITIVE,
     "gradient_paths.leapalign.uncond_gradient": Flag(),
     # --- FlowBP knobs ---
+    # -1: the model family's value from FlowBP's configs (alignprop/paths/flowbp_*.py: FAMILY_VALUES)
+    "gradient_paths.flowbp_sparse.num_active_steps": Int(1, 1000, also=(-1,), note="-1: by model family"),
+    "gradient_paths.flowbp_sparse.late_bias": Number(-1, None, note="-1: by model family, else >= 0"),
+    "gradient_paths.flowbp_sparse.grad_rescale": Number(-1, None, note="-1: by model family, else >= 0"),
+    "gradient_paths.flowbp_sparse.uncond_gradient": Flag(),
+    "gradient_paths.flowbp_bridge.num_active_steps": Int(2, 1000),
+    "gradient_paths.flowbp_bridge.late_bias": Number(-1, None, note="-1: by model family, else >= 0"),
+    "gradient_paths.flowbp_bridge.grad_rescale": Number(-1, None, note="-1: by model family, else >= 0"),
+    "gradient_paths.flowbp_bridge.alpha": Number(-1, 1, note="-1: by model family, else in [0, 1]"),
+    "gradient_paths.flowbp_bridge.jk_sampling": Text(choices=lambda: ("uniform", "dirichlet")),
+    "gradient_paths.flowbp_bridge.dirichlet_alpha_a": POSITIVE,
+    "gradient_paths.flowbp_bridge.dirichlet_alpha_b": POSITIVE,
+    "gradient_paths.flowbp_bridge.dirichlet_alpha_c": POSITIVE,
+    "gradient_paths.flowbp_bridge.max_j_reverse": Int(0, 1000, note="0: no cap"),
+    "gradient_paths.flowbp_bridge.uncond_gradient": Flag(),
+    "gradient_paths.flowbp_lagrange.alpha": Number(0, 1),
+    "gradient_paths.flowbp_lagrange.tau": POSITIVE,
+    "gradient_paths.flowbp_lagrange.connector_order": Int(1, 1000),
+    "gradient_paths.flowbp_lagrange.weight_scheme": Text(choices=lambda: ("lagrange", "uniform")),
+    "gradient_paths.flowbp_lagrange.grad_support_mode": Text(choices=lambda: ("start", "midpoint", "all")),
+    "gradient_paths.flowbp_lagrange.grad_support_scale": Number(0, None),
+    "gradient_paths.flowbp_lagrange.max_active_supports": Int(0, 1000, note="0: no limit"),
+    "gradient_paths.flowbp_lagrange.grad_rescale": Number(-1, None, note="-1: by model family, else >= 0"),
+    "gradient_paths.flowbp_lagrange.anchor_lambda": Number(0, 1),
+    "gradient_paths.flowbp_lagrange.jk_sampling": Text(choices=lambda: ("uniform", "dirichlet")),
+    "gradient_paths.flowbp_lagrange.dirichlet_alpha_a": POSITIVE,
+    "gradient_paths.flowbp_lagrange.dirichlet_alpha_b": POSITIVE,
+    "gradient_paths.flowbp_lagrange.dirichlet_alpha_c": POSITIVE,
+    "gradient_paths.flowbp_lagrange.max_j_reverse": Int(0, 1000, also=(-1,), note="-1: by model family; 0: no cap"),
+    "gradient_paths.flowbp_lagrange.uncond_gradient": Flag(),
     # --- end FlowBP knobs ---
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),
@@ -439,6 +487,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Names | Coefficients] = {
     "train.batch_size_per_gpu_available": Int(1),
     "train.gradient_accumulation_steps": Int(1, also=(-1,), note="derived from the batch sizes at start"),
     "train.data_loader_iterations": Int(1, also=(-1,), note="derived from the batch sizes at start"),
+    "train.ema_decay": Number(0, 1, high_open=True, note="0: off"),
     "train.no_grad_batch_size": Int(0, note="samples per no-grad prefix call; 0: off"),
     # trackers (config.wandb, with tracker="wandb" or "tensorboard")
     "wandb.project": Text(empty=False, validate=_one_path_component),

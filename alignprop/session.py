@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
 from alignprop import models, paths
+from alignprop.errors import UserError
 from alignprop.families import Family
 from alignprop.prompts import load_prompts
 from alignprop.rewards import Reward, build_reward
@@ -52,6 +53,7 @@ def build_session(config) -> Session:
     model = models.load_model(pretrained.model, pretrained.revision, dtype, pretrained.vae, single_file_config=layout)
     model.pipeline.to(accelerator.device)
     model.check_options(sampling_options_from_config(config))
+    model.set_resolution(config.get("resolution"))  # before any prompt is encoded (SDXL / FLUX encode the size)
     model.set_sigma_grid(config.get("flow_sigmas", "pipeline"))
     paths.from_config(config, model.name).check_model(model)
     if pretrained.get("max_sequence_length", 0):
@@ -67,7 +69,20 @@ def build_session(config) -> Session:
     if config.offload_text_encoders:  # every prompt the run can meet, encoded once
         model.offload_text_encoders(load_prompts(config.prompt_fn) + load_prompts(config.eval_prompt_fn))
     reward = build_reward(config, accelerator.device, dtype)
-    return Session(accelerator, dtype, model, reward, build_eval_rewards(config, accelerator.device, dtype))
+    eval_rewards = build_eval_rewards(config, accelerator.device, dtype)
+    for name, scorer in {config.reward_fn: reward, **eval_rewards}.items():
+        check_image_size(name, scorer, model.image_size)
+    return Session(accelerator, dtype, model, reward, eval_rewards)
+
+
+def check_image_size(name: str, reward: Reward, size: tuple[int, int]) -> None:
+    """One line for a reward that cannot read the images at the run's size (the toy world's: 32 x 32 only)."""
+    if reward.image_size is not None and tuple(reward.image_size) != tuple(size):
+        height, width = reward.image_size
+        raise UserError(
+            f"reward {name!r} reads {height} x {width} images; resolution gives {size[0]} x {size[1]}: "
+            f"leave resolution unset or choose another reward"
+        )
 
 
 def build_eval_rewards(config, device: torch.device, dtype: torch.dtype) -> dict[str, Reward]:

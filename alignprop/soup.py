@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ from alignprop.errors import UserError
 from alignprop.evaluate import EvalResult, evaluation_context, evaluator_for, log_to_trackers, write_evaluation
 from alignprop.lora_files import LoraWeights, add_adapter, check_same_layout, copy_into_adapter, read_lora
 from alignprop.plot import line_plot
+from alignprop.schema import SOUP_MODES, parse_coefficient
 from alignprop.session import start_trackers
 
-SOUP_MODES = ("params", "delta")
 TABLE_NAME = "soup"  # soup.csv, soup.json, soup.png
 
 
@@ -38,18 +37,6 @@ class SoupInputs:
     b: LoraWeights | None  # None: the base model
     mode: str
     coefficients: tuple[float, ...]
-
-
-def parse_coefficient(value, name: str) -> float:
-    if isinstance(value, bool):
-        raise UserError(f"{name}={value!r} is not a number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name}={value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise UserError(f"{name}={value!r} must be a finite number")
-    return number
 
 
 def parse_coefficients(config) -> tuple[float, ...]:

@@ -14,7 +14,6 @@ stable-diffusion-3-medium / 3.5, FLUX.1-dev / FLUX.1-schnell.
 
 from __future__ import annotations
 
-import string
 from functools import partial
 from pathlib import Path
 
@@ -44,11 +43,11 @@ from transformers import (
 
 from alignprop.tiny import SEED, cached_pipeline_dir, tiny_text_settings, write_tokenizer_files
 from alignprop.toyworld.components import SCHEDULE
+from alignprop.toyworld.vocab import t5_tokenizer
 
 LATENT_SIZE = 8
 IMAGE_SIZE = LATENT_SIZE * 4
 CLIP_LENGTH = 77
-T5_LENGTH = 512  # the model_max_length of SD3's and FLUX's T5 tokenizers
 VERSIONS = {
     "sdxl": "tiny-sdxl-v1",
     "sd2v": "tiny-sd2v-v1",
@@ -93,17 +92,6 @@ def clip_encoder(tokenizer: CLIPTokenizer, width: int = 32, projection: int | No
     settings = tiny_text_settings(len(tokenizer)) | {"hidden_size": width, "intermediate_size": 2 * width}
     config = CLIPTextConfig(**settings, hidden_act=act, projection_dim=projection or width)
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
-
-
-def t5_tokenizer() -> T5Tokenizer:
-    """A character-level T5 tokenizer: Unigram over every printable ASCII character and SentencePiece's "▁".
-
-    Ids as T5's: <pad>=0, </s>=1, <unk>=2; other characters become <unk>. (transformers 5's T5Tokenizer
-    is the tokenizers-backed class, T5TokenizerFast an alias; it saves tokenizer.json, no spiece.model.)
-    """
-    pieces = ["▁"] + [c for c in string.printable if not c.isspace()]
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(piece, -1.0) for piece in pieces]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_LENGTH)
 
 
 def t5_encoder(tokenizer: T5Tokenizer, width: int) -> T5EncoderModel:

@@ -17,6 +17,7 @@ Override points (tests/distributed_worker.py pins the samples with them): `draw_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from alignprop import checkpoint, paths
 from alignprop.batching import BatchPlan
+from alignprop.ema import average_from_config
 from alignprop.errors import Interrupted, UserError
 from alignprop.evaluate import (
     EvalResult,
@@ -136,6 +138,7 @@ class Trainer:
         self.optimizer = self.accelerator.prepare(make_optimizer(config.train, self.params))
         total_updates = config.num_epochs * batches.updates_per_epoch
         self.lr_scheduler = make_lr_scheduler(config.train, self.optimizer, total_updates)
+        self.average = average_from_config(config.train, self.params)  # train.ema_decay; None: off
         self.options = sampling_options_from_config(config)
         self.path = paths.from_config(config, self.model.name)
         self.shape_loss = shaper_from_config(config)  # the reward's loss, or ReFL/SRPO's threshold form
@@ -174,6 +177,8 @@ class Trainer:
         # 4. Step, unless a loss, the gradient or the stepped weights are non-finite (then nothing changes).
         losses = torch.stack([out.loss.detach() for out in scored])
         stepped = self.guard.step(self.optimizer, self.params, losses, grad_norm)
+        if stepped and self.average is not None:
+            self.average.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.update += 1
         record = self.update_record(scored, grad_norm, stepped, time.perf_counter() - started)  # this update's lr
@@ -304,7 +309,8 @@ class Trainer:
         """Fingerprints of every process's LoRA, the final LoRA and the before/after grid."""
         self.log({"update": self.update, "lora_sha256_per_process": gather_object([lora_digest(self.params)])})
         if self.accelerator.is_main_process:
-            save_lora(self.model, self.run_dir / "lora")
+            with self.averaged():  # the final LoRA is the average when train.ema_decay is on
+                save_lora(self.model, self.run_dir / "lora")
             save_before_after(before, after, self.run_dir / "before_after.png")
         self.accelerator.end_training()
 
@@ -321,7 +327,7 @@ class Trainer:
         """Evaluate on seeded latents (fixed ones when `same_evaluation`), log, and keep the first
         `max_vis_images` images under run_dir/eval/update_N/."""
         seed = self.config.seed if self.config.same_evaluation else self.config.seed + self.update
-        with preserved_global_state():
+        with preserved_global_state(), self.averaged():
             result = self.evaluator(seed)
         self.log({"update": self.update, "eval": True, **result.summary()})
         pause_point("evaluate")  # test hook: SIGKILL mid-evaluation, before its images are written
@@ -331,6 +337,10 @@ class Trainer:
             summary = write_evaluation(result, directory, context, max_images=saved_image_count(self.config))
             log_to_trackers(self.accelerator, "eval", summary, directory / "grid.png", step=self.update)
         return result
+
+    def averaged(self):
+        """The EMA weights in place inside the block when train.ema_decay is on (evaluation, the final LoRA)."""
+        return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def eval_due(self) -> bool:
         config = self.config
@@ -411,10 +421,14 @@ class Trainer:
                 random_states,
                 self.guard.state_dict(),
                 self.lr_scheduler,
+                None if self.average is None else self.average.state_dict(),
             )
 
             def write(directory: Path) -> None:
                 save_lora(self.model, directory)
+                if self.average is not None:  # what evaluating this checkpoint scores
+                    with self.averaged():
+                        save_lora(self.model, directory / checkpoint.AVERAGE_DIR)
                 checkpoint.write_training_state(directory, state)
 
             root = self.run_dir / checkpoint.CHECKPOINTS_DIR
@@ -428,6 +442,7 @@ class Trainer:
     def start_from_original(self, directory: Path) -> None:
         """An original AlignProp checkpoint: its LoRA, and a new optimizer (its accelerate state is not read)."""
         copy_into_adapter(self.denoiser, read_lora(directory))
+        self.average = average_from_config(self.config.train, self.params)  # averaged from the checkpoint's LoRA
         if self.accelerator.is_main_process:
             print(
                 f"resume_from: {directory} is an original AlignProp checkpoint; training starts from its LoRA with "
@@ -452,7 +467,21 @@ class Trainer:
         set_global_state(mine["global"])
         self.epoch, self.update = state["epoch"], state["update"]
         self.guard.load_state_dict(state.get("nonfinite", [0, 0]))
+        self.restore_average(state.get("ema"), saved.path)
         self.log({"update": self.update, "resumed_from": str(saved.path), "completed_epochs": self.epoch})
+
+
+    def restore_average(self, saved, path: Path) -> None:
+        """The checkpoint's moving average; one without one (saved with train.ema_decay=0) starts it afresh from
+        the restored weights, and says so."""
+        if self.average is None:
+            return
+        if saved is not None:
+            self.average.load_state_dict(saved)
+            return
+        self.average = average_from_config(self.config.train, self.params)
+        if self.accelerator.is_main_process:
+            print(f"train.ema_decay: {path} holds no moving average; it starts from the restored weights", flush=True)
 
 
 def train(config, batches: BatchPlan, run_dir: Path, session: Session | None = None) -> tuple[EvalResult, EvalResult]:

@@ -136,6 +136,10 @@ def general():
     config.steps = 50
     config.sd_guidance_scale = 7.5
     config.eta = 0.0  # DDIM eta; 0 is deterministic, as in the original
+    # Image size of training and evaluation samples: None = the model's native size (SD1.5 512, SD2.1 768, SDXL /
+    # SD3 / FLUX 1024); a side in pixels (--config.resolution=512) or (height, width) (--config.resolution="(512,768)").
+    # Sides in multiples of 8 (SD / SDXL) or 16 (SD3 / FLUX); a placeholder so that None, a number and a pair all parse.
+    config.resolution = ml_collections.config_dict.placeholder(object)
 
     # --- truncated backprop ---
     # `truncation_strategy` picks the strategy by name; "auto" derives it from the original's flags:
@@ -164,32 +168,73 @@ def general():
     # "truncation" (AlignProp's, the settings above) | "refl" | "draft_lv" | "drtune" | "direct_align".
     config.gradient_path = "truncation"
     config.gradient_paths = paths = ml_collections.ConfigDict()
-    # Defaults follow each path's reference code (README "Gradient paths"; alignprop/paths/<name>.py cites it).
-    paths.refl_last_steps = (1, 10)  # ReFL: train the k-th step from the end, k ~ U{min..max} (ImageReward: 1..10)
-    paths.refl_uncond_gradient = False  # ReFL: the unconditional CFG half without gradient (FlowBP's cfg_detach_neg)
-    paths.draft_lv_renoise = 2  # DRaFT-LV: n re-noisings of the final sample (the paper's and FlowBP's n = 2)
-    paths.draft_lv_combine = "mean"  # DRaFT-LV: "mean" of the n + 1 losses (FlowBP) | "sum"
-    paths.draft_lv_uncond_gradient = False
-    paths.drtune_train_steps = 3  # DRTune: K equally spaced trained steps up to the early stop (FlowBP's K = 3)
-    paths.drtune_early_stop = 0.4  # DRTune: stop at m = T - r, r ~ U{1..round(0.4 T)}; score x0 there (0: off)
-    paths.drtune_uncond_gradient = False
-    # Direct-Align (alignprop/paths/direct_align.py): SRPO's HPS script. Levels "continuous" (SRPO's 1000-point grid
-    # linear in sigma over direct_align_noise, flow models) | "sampler" (the sampler's levels) | "auto" (by family).
-    paths.direct_align_levels = "auto"
-    paths.direct_align_noise = (0.75, 0.9642857)  # sigma range: SRPO's shift-3 50-step grid, steps 25 and 5
-    paths.direct_align_gap = 100  # grid points between the model's level and the recovery level (SRPO's k)
-    paths.direct_align_discount = (0.1, 0.25)  # d_pos at the low / high noise end (SRPO's discount_pos)
-    # Direct-Align's branches: "denoise" (SRPO's step down) | "inversion" (its step up, reward the other way round) |
-    # "both" (SRPO: one per accumulation step, averaged).
-    paths.direct_align_branch = "both"
-    paths.direct_align_inversion_discount = (0.3, 0.01)  # d_inv (SRPO's discount_inv)
-    paths.direct_align_noise_source = "initial"  # "initial": the sample's starting noise (SRPO); "fresh": a new draw
+    # Defaults follow each path's reference code (README "Gradient paths"; alignprop/paths/<name>.py cites it). Each
+    # path's knobs are its own section, gradient_paths.<path>.<knob> (the former flat names still work on the
+    # command line, e.g. --config.gradient_paths.refl_last_steps, with one line naming the new key).
+    paths.refl = refl = ml_collections.ConfigDict()
+    refl.last_steps = (1, 10)  # train the k-th step from the end, k ~ U{min..max} (ImageReward: 1..10)
+    refl.uncond_gradient = False  # the unconditional CFG half without gradient (FlowBP's cfg_detach_neg)
+    paths.draft_lv = draft_lv = ml_collections.ConfigDict()
+    draft_lv.renoise = 2  # n re-noisings of the final sample (the paper's and FlowBP's n = 2)
+    draft_lv.combine = "mean"  # "mean" of the n + 1 losses (FlowBP) | "sum"
+    draft_lv.uncond_gradient = False
+    paths.drtune = drtune = ml_collections.ConfigDict()
+    drtune.train_steps = 3  # K equally spaced trained steps up to the early stop (FlowBP's K = 3)
+    drtune.early_stop = 0.4  # stop at m = T - r, r ~ U{1..round(0.4 T)}; score x0 there (0: off)
+    drtune.uncond_gradient = False
+    # Direct-Align (SRPO's HPS script). levels: "continuous" (SRPO's 1000-point grid linear in sigma over `noise`,
+    # flow models) | "sampler" (the sampler's levels) | "auto" (continuous on flow models, sampler on DDIM ones).
+    paths.direct_align = direct = ml_collections.ConfigDict()
+    direct.levels = "auto"
+    direct.noise = (0.75, 0.9642857)  # sigma range: SRPO's shift-3 50-step grid, steps 25 and 5
+    direct.gap = 100  # grid points between the model's level and the recovery level (SRPO's k)
+    direct.discount = (0.1, 0.25)  # d_pos at the low / high noise end (SRPO's discount_pos)
+    # branches: "denoise" (SRPO's step down) | "inversion" (its step up, reward the other way round) | "both" (SRPO:
+    # one per accumulation step, averaged).
+    direct.branch = "both"
+    direct.inversion_discount = (0.3, 0.01)  # d_inv (SRPO's discount_inv)
+    direct.noise_source = "initial"  # "initial": the sample's starting noise (SRPO); "fresh": a new draw
     # LeapAlign (alignprop/paths/leapalign.py): FlowBP's configs/final/{sd35,flux1}/*_leapalign.yaml, equal for both.
     paths.leapalign = leap = ml_collections.ConfigDict()
     leap.alpha = 0.3  # share of the gradient that enters step j's denoiser through its input
     leap.tau = 0.1  # floor of both distances in the per-sample weight 1 / (max(d_j, tau) + max(d_0, tau))
     leap.uncond_gradient = True  # the unconditional CFG half keeps its gradient (SD3.5 config: cfg_detach_neg false)
     # --- FlowBP knobs (alignprop/paths/flowbp_*.py) ---
+    # FlowBP's estimators, from its final configs configs/final/{sd35,flux1}/*_flowbp_*.yaml. -1: the value of the
+    # model family's config where SD3.5's and FLUX.1's differ (listed as SD3 / FLUX; any other family: FLUX's).
+    # uncond_gradient: the unconditional CFG half keeps its gradient (FlowBP: cfg_detach_neg true, so False).
+    paths.flowbp_sparse = sparse = ml_collections.ConfigDict()
+    sparse.num_active_steps = -1  # K steps whose velocity keeps its gradient (4 / 3)
+    sparse.late_bias = -1.0  # K drawn with weights (i + 1)^bias: later steps more often (1.0 / 2.0)
+    sparse.grad_rescale = -1.0  # r: gradient x 1 + r (sum |dsigma| / sum over the K |dsigma| - 1) (0.5 / 1.0)
+    sparse.uncond_gradient = False
+    paths.flowbp_bridge = bridge = ml_collections.ConfigDict()
+    bridge.num_active_steps = 5  # active steps before and from the bridged step j, j itself always one
+    bridge.late_bias = -1.0  # (4.0 / 2.0)
+    bridge.grad_rescale = -1.0  # (0.0 / 1.0)
+    bridge.alpha = -1.0  # share of the gradient that enters j's denoiser through its input (0.5 / 0.1)
+    bridge.jk_sampling = "uniform"  # (k, j): "uniform" (two distinct steps) | "dirichlet" (segments ~ Dir(a, b, c))
+    bridge.dirichlet_alpha_a = 4.2  # Dirichlet concentrations of the segments end..j, j..k, k..noise (unused by
+    bridge.dirichlet_alpha_b = 4.2  # "uniform"; FlowBP's parser default 4.2)
+    bridge.dirichlet_alpha_c = 4.2
+    bridge.max_j_reverse = 0  # j at most this many steps from the end (FlowBP's jk_dirichlet_max_j_rev); 0: no cap
+    bridge.uncond_gradient = False
+    paths.flowbp_lagrange = lagrange = ml_collections.ConfigDict()
+    lagrange.alpha = 0.1  # share of the gradient that enters j's denoiser through its input
+    lagrange.tau = 0.2  # floor of both distances in the per-sample weight 1 / (max(d_j, tau) + max(d_0, tau))
+    lagrange.connector_order = 3  # supports of each quadrature (k..j, j..end)
+    lagrange.weight_scheme = "lagrange"  # "lagrange" (integrated Lagrange basis) | "uniform" (equal weights)
+    lagrange.grad_support_mode = "midpoint"  # supports with gradient: "start" | "midpoint" (first two) | "all"
+    lagrange.grad_support_scale = 0.25  # gradient scale of the active supports other than the start
+    lagrange.max_active_supports = 2  # 0: no limit
+    lagrange.grad_rescale = -1.0  # (0.0 / 0.5)
+    lagrange.anchor_lambda = 1.0  # blend of the k -> j quadrature (1) with the Euler leap (0)
+    lagrange.jk_sampling = "dirichlet"
+    lagrange.dirichlet_alpha_a = 2.5
+    lagrange.dirichlet_alpha_b = 6.0
+    lagrange.dirichlet_alpha_c = 2.0
+    lagrange.max_j_reverse = -1  # (10 / 0: no cap)
+    lagrange.uncond_gradient = False
     # --- end FlowBP knobs ---
     # The original's training noise: every evaluation reseeded the generator the training latents come from with
     # `seed`, so with vis_freq=1 every update after the first drew the same latents, on every process. Off: fresh
@@ -235,6 +280,9 @@ def general():
     train.use_8bit_adam = False
     # Learning-rate schedule (diffusers.optimization.get_scheduler): "constant" (the original's),
     # "constant_with_warmup", "linear", "cosine", ...; warmup and decay counted in optimizer updates over num_epochs.
+    # Exponential moving average of the trainable weights, updated after every optimizer step; evaluation and the final
+    # LoRA use it, checkpoints keep both (alignprop/ema.py). 0: off; FlowBP and SRPO use 0.995.
+    train.ema_decay = 0.0
     train.lr_scheduler = "constant"
     train.lr_warmup_steps = 0
     # Batch math: samples per epoch and per optimizer update are totals over all processes;

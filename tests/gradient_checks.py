@@ -73,3 +73,17 @@ def steps_receiving_gradient(model, sampler, keep_grad) -> set[int]:
     finally:
         handle.remove()
     return received
+
+
+def weighted_lora_grads(model, pairs) -> dict[str, torch.Tensor]:
+    """LoRA gradients of sum over (latents, weight) pairs of weight * mean over each sample of
+    (decode(latents) - 0.3)^2, summed over the batch; a weight is a number or one per sample."""
+    params = lora_params(model.denoiser)
+    for param in params.values():
+        param.grad = None
+    loss = 0
+    for latents, weight in pairs:
+        per_sample = (decode(model, latents) - 0.3).square().mean(dim=(1, 2, 3))
+        loss = loss + (weight * per_sample).sum()
+    loss.backward()
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}

@@ -46,3 +46,16 @@ def make_trainer(config, session=None) -> Trainer:
 
 def updates_of(config) -> int:
     return config.num_epochs * plan_batches(config.train, 1).updates_per_epoch
+
+
+def assert_one_line_before_the_run_directory(config, tmp_path: Path, words: str) -> None:
+    """`validate` refuses `config` with one line containing `words`, before anything exists under tmp_path/logs."""
+    import pytest
+
+    from alignprop.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        validate(config, num_processes=1)
+    message = str(error.value)
+    assert words in message and "\n" not in message, message
+    assert not (tmp_path / "logs").exists()

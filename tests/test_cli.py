@@ -74,6 +74,12 @@ UNKNOWN_KEYS = {
         "unknown config key 'rewards.hps.versoin'; did you mean 'rewards.hps.version'?"
     ),
     "--config.zzz=1": "unknown config key 'zzz'",
+    "--config.gradient_paths.refl.last_step=(1,2)": (
+        "unknown config key 'gradient_paths.refl.last_step'; did you mean 'gradient_paths.refl.last_steps'?"
+    ),
+    "--config.gradient_paths.refl_last_step=(1,2)": (  # a former flat name, mistyped: the suggestion is the new key
+        "unknown config key 'gradient_paths.refl.last_step'; did you mean 'gradient_paths.refl.last_steps'?"
+    ),
     "--config.fold_lora=True": "config key 'fold_lora' was removed: it gave no measurable speed "
     "(benchmarks/README.md); compile_denoiser is the faster switch",
 }
@@ -86,6 +92,20 @@ def test_an_unknown_key_is_one_clean_line_with_the_suggestion(override, tmp_path
     assert error_lines(result) == [f"error: {UNKNOWN_KEYS[override]} (see {CONFIG})"], result.stderr
     assert "\\" not in result.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_a_former_flat_gradient_path_key_works_and_names_its_new_key(tmp_path):
+    """gradient_paths.<path>_<knob> became gradient_paths.<path>.<knob>: the old spelling is read as the new key."""
+    flat = "--config.gradient_paths.refl_last_steps=(2,30)"
+    result = run("--config", f"{CONFIG}:tiny", flat, "--config.gradient_path=refl", "--config.dry_run=True")
+    assert (
+        "note: --config.gradient_paths.refl_last_steps is now --config.gradient_paths.refl.last_steps" in result.stderr
+    )
+    # read as the new key: (2, 30) with the preset's 20 steps is refused by the path's own check, under the new name
+    assert error_lines(result) == [
+        "error: gradient_paths.refl.last_steps=(2, 30) must satisfy 1 <= min <= max <= steps=20 "
+        "(k-th step from the end; 1 = the last)"
+    ], result.stderr
 
 
 # --- python -m alignprop and pip install -e . ------------------------------------------------------------------

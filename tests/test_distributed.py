@@ -67,21 +67,29 @@ def test_two_process_run_of_another_family_keeps_the_ranks_in_step(tmp_path, mod
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
-def test_two_process_run_of_another_gradient_path_keeps_the_ranks_in_step(tmp_path):
-    """DRTune (sparse steps, detached denoiser inputs) under the same data-parallel path: ranks stay identical."""
+@pytest.mark.parametrize(
+    "path, knobs",
+    [
+        ("drtune", ["--config.gradient_paths.drtune.train_steps=2"]),  # sparse steps, detached denoiser inputs
+        ("leapalign", []),  # a per-sample weight, two trained steps
+        ("direct_align", []),  # two branches, the reward the other way round on one
+    ],
+)
+def test_two_process_run_of_another_gradient_path_keeps_the_ranks_in_step(tmp_path, path, knobs):
+    """Other gradient paths under the same data-parallel path: the ranks stay identical."""
     torchrun(
         2,
         "main.py",
         "--config",
         "config/align_prop.py:tiny",
         f"--config.logdir={tmp_path}",
-        "--config.run_name=drtune",
-        "--config.gradient_path=drtune",
-        "--config.gradient_paths.drtune_train_steps=2",
+        f"--config.run_name={path}",
+        f"--config.gradient_path={path}",
+        *knobs,
         "--config.num_epochs=1",
         "--config.vis_freq=0",
     )
-    records = [json.loads(line) for line in (tmp_path / "drtune" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / path / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "grad_norm" in r]
     assert [r["update"] for r in updates] == [1, 2] and all(r["grad_norm"] > 0 for r in updates)
     digests = records[-1]["lora_sha256_per_process"]

@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 from gradient_checks import PROMPTS, float64_model_with_lora, lora_params, relative_errors
-from small_runs import small_config
+from small_runs import assert_one_line_before_the_run_directory, small_config
 
 from alignprop import paths
-from alignprop.errors import UserError
 from alignprop.lora_files import LORA_FILE_NAME as LORA_FILE
 from alignprop.paths.base import negated
 from alignprop.paths.direct_align import linear_discount
@@ -131,7 +130,7 @@ def path_of(name, **knobs):
     config.steps = STEPS
     config.gradient_path = name
     for knob, value in knobs.items():
-        config.gradient_paths[knob] = value
+        config.gradient_paths[name][knob] = value
     return paths.from_config(config)
 
 
@@ -141,7 +140,7 @@ def refl(model, conditioning, latents, options, step):
 
 
 def draft_lv(model, conditioning, latents, options, noises):
-    path = path_of("draft_lv", draft_lv_renoise=len(noises))
+    path = path_of("draft_lv", renoise=len(noises))
     return path.sample(model, conditioning, latents, path.plan(noises), options)
 
 
@@ -155,10 +154,10 @@ def direct_align(model, conditioning, latents, options, level, noise, weight, br
     that they come out); "both" averages its two branches."""
     path = path_of(
         "direct_align",
-        direct_align_levels="sampler",
-        direct_align_branch=branch,
-        direct_align_discount=(weight, weight),
-        direct_align_inversion_discount=(inversion_weight, inversion_weight),
+        levels="sampler",
+        branch=branch,
+        discount=(weight, weight),
+        inversion_discount=(inversion_weight, inversion_weight),
     )
     return path.sample(model, conditioning, latents, path.sampler_plan(model, level, noise, latents.device), options)
 
@@ -260,7 +259,7 @@ def test_flow_inversion_never_steps_up_to_pure_noise(flow64):
     conditioning, latents, noises = inputs(flow64)
     timesteps = flow64.set_timesteps(STEPS, "cpu")
     options = SamplingOptions(STEPS, GUIDANCE)
-    path = path_of("direct_align", direct_align_branch="inversion", direct_align_levels="sampler")
+    path = path_of("direct_align", branch="inversion", levels="sampler")
     plan = path.sampler_plan(flow64, 1.0, noises[0], latents.device)
     sample = path.sample(flow64, conditioning, latents, plan, options)
     assert plan.index == 2 and flow64.noise_level(timesteps[0]) == 1.0
@@ -332,7 +331,7 @@ def streams(seed=0):
 def drtune_plans(steps, train_steps, early_stop, draws=2000):
     config = load_preset("tiny")
     config.steps, config.gradient_path = steps, "drtune"
-    config.gradient_paths.drtune_train_steps, config.gradient_paths.drtune_early_stop = train_steps, early_stop
+    config.gradient_paths.drtune.train_steps, config.gradient_paths.drtune.early_stop = train_steps, early_stop
     path, random = paths.from_config(config), streams()
     return {(plan.stop, tuple(plan.trained_steps())) for plan in (path.draw(random, None, None) for _ in range(draws))}
 
@@ -352,7 +351,7 @@ def test_drtune_plans_are_flowbps_at_25_steps():
 
 def test_refl_step_lies_in_the_configured_range():
     config = load_preset("tiny")
-    config.steps, config.gradient_path, config.gradient_paths.refl_last_steps = 40, "refl", (1, 10)
+    config.steps, config.gradient_path, config.gradient_paths.refl.last_steps = 40, "refl", (1, 10)
     path, random = paths.from_config(config), streams()
     assert {path.draw(random, None, None).step for _ in range(500)} == set(range(30, 40))  # ImageReward's
 
@@ -365,26 +364,19 @@ def test_direct_align_discount_is_linear_in_the_level():
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        ({"gradient_path": "refl", "gradient_paths.refl_last_steps": (1, 5)}, "refl_last_steps"),  # steps = 4
-        ({"gradient_path": "draft_lv", "gradient_paths.draft_lv_renoise": 0}, "draft_lv_renoise"),
-        ({"gradient_path": "drtune", "gradient_paths.drtune_train_steps": 5}, "drtune_train_steps"),
-        ({"gradient_path": "drtune", "gradient_paths.drtune_early_stop": 1.5}, "drtune_early_stop"),
-        ({"gradient_path": "draft_lv", "gradient_paths.draft_lv_combine": "max"}, "draft_lv_combine"),
-        ({"gradient_path": "direct_align", "gradient_paths.direct_align_noise": (0.5, 1.0)}, "direct_align_noise"),
-        ({"gradient_path": "direct_align", "gradient_paths.direct_align_noise": (0.0, 0.5)}, "direct_align_noise"),
+        ({"gradient_path": "refl", "gradient_paths.refl.last_steps": (1, 5)}, "refl.last_steps"),  # steps = 4
+        ({"gradient_path": "draft_lv", "gradient_paths.draft_lv.renoise": 0}, "draft_lv.renoise"),
+        ({"gradient_path": "drtune", "gradient_paths.drtune.train_steps": 5}, "drtune.train_steps"),
+        ({"gradient_path": "drtune", "gradient_paths.drtune.early_stop": 1.5}, "drtune.early_stop"),
+        ({"gradient_path": "draft_lv", "gradient_paths.draft_lv.combine": "max"}, "draft_lv.combine"),
+        ({"gradient_path": "direct_align", "gradient_paths.direct_align.noise": (0.5, 1.0)}, "direct_align.noise"),
+        ({"gradient_path": "direct_align", "gradient_paths.direct_align.noise": (0.0, 0.5)}, "direct_align.noise"),
         ({"gradient_path": "nope"}, "gradient_path"),
         ({"eval_reward_fns": "compressibility,nope"}, "eval_reward_fns"),
     ],
 )
 def test_bad_settings_are_one_line_before_the_run_directory(preset, tmp_path, overrides, words):
-    from alignprop.runtime import validate
-
-    config = small_config(preset, tmp_path, **overrides)
-    with pytest.raises(UserError) as error:
-        validate(config, num_processes=1)
-    message = str(error.value)
-    assert words in message and "\n" not in message
-    assert not (tmp_path / "logs").exists()
+    assert_one_line_before_the_run_directory(small_config(preset, tmp_path, **overrides), tmp_path, words)
 
 
 # --- loss shapes -------------------------------------------------------------------------------------------
@@ -415,7 +407,7 @@ def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_pa
         save_freq=1,
         reward_loss="threshold" if path == "refl" else "reward",
         eval_reward_fns="compressibility,colorfulness",
-        **{"gradient_paths.refl_last_steps": (1, 2), "gradient_paths.drtune_train_steps": 2},
+        **{"gradient_paths.refl.last_steps": (1, 2), "gradient_paths.drtune.train_steps": 2},
     )
     _, run_dir, _ = run_job(config)
     startup = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gradient path:")]
@@ -513,7 +505,7 @@ def test_each_path_resumes_bit_for_bit(preset, tmp_path, path):
 
     from alignprop.jobs import run_job
 
-    knobs = {"gradient_paths.refl_last_steps": (1, 2), "gradient_paths.drtune_train_steps": 2}
+    knobs = {"gradient_paths.refl.last_steps": (1, 2), "gradient_paths.drtune.train_steps": 2}
 
     def config(name, epochs, **overrides):
         return small_config(

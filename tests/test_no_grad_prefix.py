@@ -96,8 +96,8 @@ def trainer64(preset, tmp_path_factory):
 def replace_path(config, name):
     config = config.copy_and_resolve_references()
     config.gradient_path = name
-    config.gradient_paths.refl_last_steps = (1, 3)
-    config.gradient_paths.drtune_train_steps = 2
+    config.gradient_paths.refl.last_steps = (1, 3)
+    config.gradient_paths.drtune.train_steps = 2
     return config
 
 

@@ -31,7 +31,7 @@ def config_for(**knobs):
     config = load_preset("tiny")
     config.steps, config.gradient_path = STEPS, "direct_align"
     for key, value in knobs.items():
-        config.gradient_paths[key] = value
+        config.gradient_paths.direct_align[key] = value
     return config
 
 
@@ -90,7 +90,7 @@ def test_continuous_branches_equal_srpos_code(flow64, s):
     options = SamplingOptions(STEPS, GUIDANCE[name])
     conditioning = model.encode(PROMPTS, guided=model.guided(options))
     latents = initial_latents(2, model, torch.Generator().manual_seed(0)).double()
-    path = paths.from_config(config_for(direct_align_levels="continuous"), model.name)
+    path = paths.from_config(config_for(levels="continuous"), model.name)
     plan = path.continuous_plan(s, latents)
     ours = path.sample(model, conditioning, latents, plan, options)
     d_pos, d_inv = torch.linspace(0.1, 0.25, 1000).tolist(), torch.linspace(0.3, 0.01, 1000).tolist()
@@ -107,7 +107,7 @@ def test_continuous_branches_equal_srpos_code(flow64, s):
 
 
 def test_gap_and_discounts_follow_srpos_indices():
-    path = paths.from_config(config_for(direct_align_levels="continuous"), "flux")
+    path = paths.from_config(config_for(levels="continuous"), "flux")
     for s, gap in ((5, 5), (100, 100), (500, 100), (950, 50), (995, 5)):
         plan = path.continuous_plan(s, None)
         assert path.gap_at(s) == gap
@@ -148,13 +148,13 @@ def test_the_discount_sits_inside_the_relative_reward():
 
 
 def test_with_a_relative_reward_the_discount_is_no_loss_weight():
-    config = config_for(direct_align_levels="continuous")
+    config = config_for(levels="continuous")
     config.rewards.relative_control = ("Real.", "Painting.")
     path = paths.from_config(config, "flux")
     plan = path.continuous_plan(500, None)
     denoise = path.scored("denoise", None, 0.5, plan.discount, inverted=False)
     assert denoise.weight == 0.5 and denoise.positive_boost == plan.discount
-    plain = paths.from_config(config_for(direct_align_levels="continuous"), "flux")
+    plain = paths.from_config(config_for(levels="continuous"), "flux")
     assert plain.scored("denoise", None, 0.5, plan.discount, inverted=False).weight == 0.5 * plan.discount
 
 
@@ -163,5 +163,5 @@ def test_levels_follow_the_family_and_continuous_needs_a_flow_model():
     assert not paths.from_config(config_for(), "sd").continuous
     ddim = float64_model_with_lora("tiny", ("to_q",))
     with pytest.raises(UserError) as error:
-        paths.from_config(config_for(direct_align_levels="continuous"), "sd").check_model(ddim)
-    assert "direct_align_levels" in str(error.value) and "\n" not in str(error.value)
+        paths.from_config(config_for(levels="continuous"), "sd").check_model(ddim)
+    assert "direct_align.levels" in str(error.value) and "\n" not in str(error.value)

@@ -10,17 +10,16 @@ import json
 
 import pytest
 import torch
-from gradient_checks import PROMPTS, float64_model_with_lora, lora_params, relative_errors
-from small_runs import small_config
+from gradient_checks import PROMPTS, float64_model_with_lora, relative_errors, weighted_lora_grads
+from small_runs import assert_one_line_before_the_run_directory, small_config
 
 from alignprop import paths
-from alignprop.errors import UserError
 from alignprop.lora_files import LORA_FILE_NAME as LORA_FILE
 from alignprop.paths.leapalign import LeapAlign
 from alignprop.paths.step_draws import leap_pair
 from alignprop.presets import load_preset
 from alignprop.randomness import RandomStreams
-from alignprop.sampling import SamplingOptions, decode, initial_latents, sample
+from alignprop.sampling import SamplingOptions, initial_latents, sample
 
 STEPS = 6
 GUIDANCE = 5.0
@@ -122,12 +121,7 @@ def naive_leapalign(model, conditioning, latents, k, j, alpha=ALPHA, tau=TAU, un
 
 def grads_of(model, latents, weight):
     """LoRA gradients of sum_b w_b mean((decode(x_b) - 0.3)^2)."""
-    params = lora_params(model.denoiser)
-    for param in params.values():
-        param.grad = None
-    loss = (weight * (decode(model, latents) - 0.3).square().mean(dim=(1, 2, 3))).sum()
-    loss.backward()
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
+    return weighted_lora_grads(model, [(latents, weight)])
 
 
 # --- gradients, values, weights ------------------------------------------------------------------------------
@@ -281,14 +275,9 @@ def test_draw_uses_only_the_plans_stream_and_covers_every_pair():
     ],
 )
 def test_bad_settings_are_one_line_before_the_run_directory(preset, tmp_path, overrides, words):
-    from alignprop.runtime import validate
-
-    config = small_config(preset, tmp_path, gradient_path="leapalign", **overrides)
-    with pytest.raises(UserError) as error:
-        validate(config, num_processes=1)
-    message = str(error.value)
-    assert words in message and "\n" not in message
-    assert not (tmp_path / "logs").exists()
+    assert_one_line_before_the_run_directory(
+        small_config(preset, tmp_path, gradient_path="leapalign", **overrides), tmp_path, words
+    )
 
 
 def test_the_registry_names_leapalign(preset, tmp_path):

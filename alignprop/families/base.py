@@ -5,6 +5,7 @@ Other families (`alignprop.families.sdxl`, ...) subclass `Family` and override w
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class Family:
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}  # no NSFW filter while training
 
     text_encoder_names = ("text_encoder",)
+    # The image size sampled at, (height, width) in pixels; None: the model's own (`native_size`). `set_resolution`.
+    resolution: tuple[int, int] | None = None
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
@@ -110,6 +113,61 @@ class Family:
     def check_options(self, options) -> None:
         """Refuse sampling options the family cannot honour (one line, before the run directory exists)."""
 
+    # --- the image size (config key `resolution`) ----------------------------------------------------
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """The stock pipeline's default (height, width): the UNet's sample size x the VAE's downsampling."""
+        size = self.denoiser.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else size
+        factor = self.pipeline.vae_scale_factor
+        return height * factor, width * factor
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the images sampled: `resolution`, else the model's own."""
+        return self.resolution or self.native_size
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """(height, width) of the VAE latents, as the stock pipelines compute them from the image size."""
+        factor = self.pipeline.vae_scale_factor
+        return tuple(int(side) // factor for side in self.image_size)
+
+    def size_rule(self) -> tuple[int, str]:
+        """What every image side must be a multiple of, and why: 8, what the stock SD / SDXL pipelines require
+        (`check_inputs`), and the VAE's downsampling (whole latents)."""
+        factor = self.pipeline.vae_scale_factor
+        return math.lcm(8, factor), f"the stock pipeline requires multiples of 8; the VAE downsamples by {factor}"
+
+    def largest_side(self) -> int | None:
+        """The largest image side the denoiser takes (None: no limit)."""
+        return None
+
+    def set_resolution(self, resolution) -> None:
+        """Config key `resolution`: sample (train and evaluate) at this size. None: the model's own; a number:
+        a square side in pixels; (height, width): a rectangle. A size the family cannot take is one line.
+        Call it before prompts are encoded (SDXL's size ids and FLUX's image ids are part of the encoding)."""
+        if resolution is None:
+            self.resolution = None
+            return
+        given = tuple(resolution) if isinstance(resolution, tuple | list) else (resolution, resolution)
+        shown = f"resolution={resolution!r}"
+        if len(given) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) for side in given):
+            raise UserError(f"{shown} must be a side in pixels or a (height, width) pair of them")
+        multiple, why = self.size_rule()
+        largest = self.largest_side()
+        height, width = given
+        if min(given) < multiple or any(side % multiple for side in given) or (largest and max(given) > largest):
+            limit = f" and at most {largest}" if largest else ""
+            nearest = [min(max(multiple, side // multiple * multiple), largest or side) for side in given]
+            hint = nearest[0] if nearest[0] == nearest[1] else f'"({nearest[0]},{nearest[1]})"'
+            raise UserError(
+                f"{shown}: this {self.name} model needs height and width that are multiples of {multiple} ({why})"
+                f"{limit}, got {height} x {width}; e.g. --config.resolution={hint}"
+            )
+        self.resolution = (height, width)
+
     def set_max_sequence_length(self, tokens: int) -> None:
         """`pretrained.max_sequence_length`: the T5 prompt length of the families that have T5 (SD3, FLUX)."""
         raise UserError(
@@ -182,8 +240,7 @@ class Family:
 
     def latent_shape(self, batch_size: int) -> tuple[int, ...]:
         """The shape of the Gaussian noise that starts sampling (as the stock pipeline draws it)."""
-        config = self.denoiser.config
-        return (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        return (batch_size, self.denoiser.config.in_channels, *self.latent_size)
 
     def prepare_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """Noise -> the sampler's starting latents (scaled; a family that packs latents packs them here)."""

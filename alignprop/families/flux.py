@@ -44,10 +44,17 @@ class Flux(FlowMatching):
         return bool(self.denoiser.config.guidance_embeds)
 
     @property
-    def default_resolution(self) -> int:
+    def native_size(self) -> tuple[int, int]:
         """The VAE's configured sample size: 1024 for FLUX.1-dev and -schnell, what the stock pipeline's fixed
         `default_sample_size` (128 latents) gives them; a small test model declares its own."""
-        return int(self.vae.config.sample_size)
+        side = int(self.vae.config.sample_size)
+        return side, side
+
+    def size_rule(self) -> tuple[int, str]:
+        """`FluxPipeline` packs 2x2 latents into a token: sides in multiples of the VAE's factor x 2 (it would round
+        other sizes down, with a warning; refused here instead)."""
+        factor = self.pipeline.vae_scale_factor
+        return 2 * factor, f"the VAE's factor {factor} x 2 for the 2x2 packing of latents into tokens"
 
     @property
     def latent_size(self) -> tuple[int, int]:

@@ -26,27 +26,20 @@ class FlowMatching(Family):
     """What the flow-matching families share: their own Euler scheduler, no eta, the image size they sample at."""
 
     load_kwargs = {}
-    # The image side in pixels; None: the model's own (see `image_size`). A number must be a multiple of
-    # 2 x the VAE's downsampling (16 for SD3 and FLUX: the transformer patches / packs latents 2x2).
-    resolution: int | None = None
     max_sequence_length = 256  # T5 prompt tokens: the stock pipeline's default (`set_max_sequence_length`)
     sigma_grid = "pipeline"  # `flow_sigmas`: "pipeline" (the stock pipeline's) | "flowbp" (`flowbp_sigmas`)
 
     @property
-    def default_resolution(self) -> int:
-        """The stock pipeline's default image side (`default_sample_size * vae_scale_factor`)."""
-        return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        side = self.resolution or self.default_resolution
+    def native_size(self) -> tuple[int, int]:
+        """The stock pipeline's default image size (`default_sample_size * vae_scale_factor`, square)."""
+        side = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
         return side, side
 
-    @property
-    def latent_size(self) -> tuple[int, int]:
-        """(height, width) of the VAE latents, as the stock pipelines compute them."""
+    def size_rule(self) -> tuple[int, str]:
+        """Sides in multiples of the VAE's downsampling x 2 (16 for SD3 and FLUX): the transformer patches (SD3) /
+        packs (FLUX) the latents 2x2."""
         factor = self.pipeline.vae_scale_factor
-        return tuple(int(side) // factor for side in self.image_size)
+        return 2 * factor, f"the VAE's factor {factor} x 2 for the transformer's 2x2 patches"
 
     def prepare(self) -> None:
         """The model's own flow-matching scheduler (kept); frozen eval-mode modules; no progress bars."""
@@ -139,6 +132,17 @@ class StableDiffusion3(FlowMatching):
     denoiser_name = "transformer"
     frozen_names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def size_rule(self) -> tuple[int, str]:
+        """`StableDiffusion3Pipeline.check_inputs`: sides in multiples of the VAE's factor x the patch size."""
+        factor, patch = self.pipeline.vae_scale_factor, self.denoiser.config.patch_size
+        return factor * patch, f"the VAE's factor {factor} x the transformer's patch size {patch}"
+
+    def largest_side(self) -> int | None:
+        """The transformer's positional embedding covers `pos_embed_max_size` patches a side (SD3 / SD3.5: 192,
+        3072 px); None: it has no limit."""
+        patches = self.denoiser.config.get("pos_embed_max_size")
+        return patches * self.denoiser.config.patch_size * self.pipeline.vae_scale_factor if patches else None
 
     @torch.no_grad()
     def encode(self, prompts: list[str], guided: bool = True) -> Conditioning:

@@ -18,15 +18,11 @@ class StableDiffusionXL(Family):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     load_kwargs = {}
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        side = self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
-        return side, side
-
     @torch.no_grad()
     def encode(self, prompts: list[str], guided: bool = True) -> Conditioning:
         """`StableDiffusionXLPipeline.encode_prompt` (negatives zeroed when `force_zeros_for_empty_prompt`, as the
-        pipeline does) and `_get_add_time_ids` for original size = target size = the model's size, crop (0, 0)."""
+        pipeline does) and `_get_add_time_ids` for original size = target size = the image size (`resolution`, else
+        the model's own), crop (0, 0), as the stock pipeline does with `height` / `width`."""
         pipeline = self.pipeline
         device = pipeline.text_encoder_2.device
         cond, uncond, pooled, uncond_pooled = pipeline.encode_prompt(

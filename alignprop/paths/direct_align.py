@@ -4,12 +4,13 @@ with gradient, the clean latents recovered in closed form from the known noise.
 Reference: Shen et al. 2025, "Directly Aligning the Full Diffusion Trajectory with Fine-Grained Human Preference"
 (SRPO), arXiv 2509.06942; code `Tencent-Hunyuan/SRPO` @ 81e5898 `fastvideo/SRPO.py` (FLUX.1-dev), with the settings
 of its HPS script (`scripts/finetune/SRPO_training_hpsv2.sh`). What it does, and what this module does by default
-(`direct_align_levels="continuous"`, flow-matching models):
+(`gradient_paths.direct_align.levels="continuous"`, flow-matching models):
 
 - the finished sample x0 without gradient, from the sample's own starting noise e (SRPO.py:443-521);
-- a grid G of 1000 noise levels linear in sigma from `direct_align_noise`'s high end to its low end (SRPO: the
-  shift-3 50-step grid's steps 5 and 25, sigma 0.9643 .. 0.75; SRPO.py:523-534); s ~ U{5..995} (SRPO.py:864);
-  gap k = min(`direct_align_gap` (100), s, 1000 - s) grid points (SRPO.py:520, 528);
+- a grid G of 1000 noise levels linear in sigma from `gradient_paths.direct_align.noise`'s high end to its low end
+  (SRPO: the shift-3 50-step grid's steps 5 and 25, sigma 0.9643 .. 0.75; SRPO.py:523-534); s ~ U{5..995}
+  (SRPO.py:864);
+  gap k = min(`gradient_paths.direct_align.gap` (100), s, 1000 - s) grid points (SRPO.py:520, 528);
 - denoise branch: x at level G[a], a = 1000 - s - k, is G[a] e + (1 - G[a]) x0; one model call with gradient
   there; the Euler step down to G[b], b = 1000 - s; x0 recovered there from e: (x_b - G[b] e) / (1 - G[b])
   (SRPO.py:545-608);
@@ -17,14 +18,15 @@ of its HPS script (`scripts/finetune/SRPO_training_hpsv2.sh`). What it does, and
   G[a'], a' = 1000 - min(s' + k, 1000), x0 recovered there (the same level as the denoise branch's when
   100 < s <= 900); scored with the reward the other way round (SRPO.py:561-620);
 - discounts by grid index: d_pos = linspace(0.1, 0.25, 1000)[s] on the denoise branch, d_inv =
-  linspace(0.3, 0.01, 1000)[s'] on the inversion branch (SRPO.py:415-416; `direct_align_discount`,
-  `direct_align_inversion_discount`). With SRPO's relative reward (`rewards.relative_control`) the discount sits
-  inside it: (1 + d_pos) r(positive) - r(negative), and (1 + d_inv) r(negative) - r(positive) for the inversion
-  (SRPO.py:223-236, 618-620). With any other reward (SRPO has none) it weights the branch's loss;
-- `direct_align_branch="both"` (default): the two branches averaged (SRPO runs one per accumulation step with
-  gradient_accumulation_steps 2, each loss / 2; SRPO.py:529-625); "denoise" or "inversion" alone.
+  linspace(0.3, 0.01, 1000)[s'] on the inversion branch (SRPO.py:415-416; `gradient_paths.direct_align.discount`,
+  `gradient_paths.direct_align.inversion_discount`). With SRPO's relative reward (`rewards.relative_control`) the
+  discount sits inside it: (1 + d_pos) r(positive) - r(negative), and (1 + d_inv) r(negative) - r(positive) for the
+  inversion (SRPO.py:223-236, 618-620). With any other reward (SRPO has none) it weights the branch's loss;
+- `gradient_paths.direct_align.branch="both"` (default): the two branches averaged (SRPO runs one per accumulation
+  step with gradient_accumulation_steps 2, each loss / 2; SRPO.py:529-625); "denoise" or "inversion" alone.
 
-`direct_align_levels="sampler"` (the only choice on DDIM families, and "auto" picks it there): the sampler's own
+`gradient_paths.direct_align.levels="sampler"` (the only choice on DDIM families, and "auto" picks it there): the
+sampler's own
 levels instead of the fine grid: noise injected at the sampler step whose level is nearest u ~ U(min, max), the
 denoise branch steps down to the next sampler level and the inversion branch up to the previous one from that same
 level (recovering x0 at two levels), discounts linear in u. Differences from SRPO that remain: SRPO's branches run
@@ -73,42 +75,39 @@ class DirectAlign(GradientPath):
 
     def __init__(self, config, family: str = ""):
         super().__init__(config, family)
-        knobs = config.gradient_paths
-        self.noise_range = tuple(knobs.direct_align_noise)
-        self.discount = tuple(knobs.direct_align_discount)
-        self.inversion_discount = tuple(knobs.direct_align_inversion_discount)
-        self.branch = knobs.direct_align_branch
-        self.noise_source = knobs.direct_align_noise_source
-        self.gap = knobs.direct_align_gap
-        levels = knobs.direct_align_levels
+        knobs = config.gradient_paths.direct_align
+        self.noise_range, self.gap = tuple(knobs.noise), knobs.gap
+        self.discount, self.inversion_discount = tuple(knobs.discount), tuple(knobs.inversion_discount)
+        self.branch, self.noise_source, levels = knobs.branch, knobs.noise_source, knobs.levels
         self.continuous = levels == "continuous" or (levels == "auto" and family in ("sd3", "flux"))
         self.relative = bool(tuple(config.rewards.get("relative_control", ())))
 
     @staticmethod
     def check(config) -> None:
-        knobs, steps = config.gradient_paths, config.steps
-        low, high = knobs.direct_align_noise
+        knobs, steps = config.gradient_paths.direct_align, config.steps
+        low, high = knobs.noise
         if not 0 < low <= high < 1:
-            raise UserError(f"gradient_paths.direct_align_noise={(low, high)} must satisfy 0 < min <= max < 1")
+            raise UserError(f"gradient_paths.direct_align.noise={(low, high)} must satisfy 0 < min <= max < 1")
         for key, choices in (("branch", BRANCHES), ("noise_source", NOISE_SOURCES), ("levels", LEVELS)):
-            value = knobs[f"direct_align_{key}"]
-            if value not in choices:
-                raise UserError(f"gradient_paths.direct_align_{key}={value!r}; choose one of: {', '.join(choices)}")
-        if knobs.direct_align_levels == "sampler" and knobs.direct_align_branch != "denoise" and steps < 3:
+            if knobs[key] not in choices:
+                raise UserError(
+                    f"gradient_paths.direct_align.{key}={knobs[key]!r}; choose one of: {', '.join(choices)}"
+                )
+        if knobs.levels == "sampler" and knobs.branch != "denoise" and steps < 3:
             raise UserError(
-                f"gradient_paths.direct_align_branch={knobs.direct_align_branch!r} needs steps >= 3 on the sampler's "
+                f"gradient_paths.direct_align.branch={knobs.branch!r} needs steps >= 3 on the sampler's "
                 "levels (the inversion steps up a level, never to pure noise)"
             )
 
     def check_model(self, model) -> None:
         if self.continuous and model.name not in ("sd3", "flux"):
             raise UserError(
-                f"gradient_paths.direct_align_levels='continuous' needs a flow-matching model (SD3, FLUX); this "
+                f"gradient_paths.direct_align.levels='continuous' needs a flow-matching model (SD3, FLUX); this "
                 f"{model.name} model samples with DDIM: use 'sampler' (or 'auto')"
             )
         if not self.continuous and self.branch != "denoise" and self.steps < 3:
             raise UserError(
-                f"gradient_paths.direct_align_branch={self.branch!r} needs steps >= 3 on the sampler's levels "
+                f"gradient_paths.direct_align.branch={self.branch!r} needs steps >= 3 on the sampler's levels "
                 "(the inversion steps up a level, never to pure noise)"
             )
 

@@ -5,13 +5,13 @@ the reference code is FlowBP's re-implementation, `RuoyuWang-2077/FlowBP` @ 93b2
 (and `flux1/draft_lv.py`):
 
 - the sample with K=1: every step without gradient but the last (sd35/draft_lv.py:37-78);
-- n (`draft_lv_renoise`, 2) re-noisings of its stop-gradient final latents to the last timestep's level, each
-  denoised by one deterministic step with gradient (sd35/draft_lv.py:88-114);
+- n (`gradient_paths.draft_lv.renoise`, 2) re-noisings of its stop-gradient final latents to the last timestep's
+  level, each denoised by one deterministic step with gradient (sd35/draft_lv.py:88-114);
 - the n + 1 images scored and their losses **averaged** (one batch of (1 + n) B images, then the mean:
-  sd35/draft_lv.py:116, sd35/leapalign.py:483); `draft_lv_combine="sum"` sums them instead (n + 1 times the
-  gradient, which then meets the clipping threshold sooner);
+  sd35/draft_lv.py:116, sd35/leapalign.py:483); `gradient_paths.draft_lv.combine="sum"` sums them instead (n + 1
+  times the gradient, which then meets the clipping threshold sooner);
 - the unconditional half of classifier-free guidance without gradient, as FlowBP's configs run it
-  (`draft_lv_uncond_gradient=True` keeps it).
+  (`gradient_paths.draft_lv.uncond_gradient=True` keeps it).
 """
 
 from __future__ import annotations
@@ -41,24 +41,16 @@ class DraftLv(GradientPath):
 
     def __init__(self, config, family: str = ""):
         super().__init__(config, family)
-        knobs = config.gradient_paths
-        self.renoise = knobs.draft_lv_renoise
-        self.combine = knobs.draft_lv_combine
-        self.uncond_gradient = knobs.draft_lv_uncond_gradient
+        knobs = config.gradient_paths.draft_lv
+        self.renoise, self.combine, self.uncond_gradient = knobs.renoise, knobs.combine, knobs.uncond_gradient
 
     @staticmethod
     def check(config) -> None:
-        renoise = config.gradient_paths.draft_lv_renoise
-        if renoise < 1:
-            raise UserError(f"gradient_paths.draft_lv_renoise must be >= 1 re-noisings, got {renoise}")
-        if config.gradient_paths.draft_lv_combine not in COMBINE:
-            raise UserError(
-                f"gradient_paths.draft_lv_combine={config.gradient_paths.draft_lv_combine!r}; "
-                f"choose one of: {', '.join(COMBINE)}"
-            )
-
-    def settings(self) -> dict:
-        return {"renoise": self.renoise, "combine": self.combine, "uncond_gradient": self.uncond_gradient}
+        knobs = config.gradient_paths.draft_lv
+        if knobs.renoise < 1:
+            raise UserError(f"gradient_paths.draft_lv.renoise must be >= 1 re-noisings, got {knobs.renoise}")
+        if knobs.combine not in COMBINE:
+            raise UserError(f"gradient_paths.draft_lv.combine={knobs.combine!r}; choose one of: {', '.join(COMBINE)}")
 
     def gradient_calls(self, plan) -> int:
         return 1 + len(plan.noises)

@@ -5,11 +5,12 @@ Reference: Wu et al. 2024, "Deep Reward Supervisions for Tuning Text-to-Image Di
 the reference code is FlowBP's re-implementation, `RuoyuWang-2077/FlowBP` @ 93b220a
 `flowbp/trainers/sd35/drtune.py` (and `flux1/drtune.py`, the same draws), which this module follows:
 
-- early stop (`_sample_drtune_early_stop_idx`, sd35/drtune.py:52-75): E = round(ratio * T) (`drtune_early_stop`,
-  0.4); m = T - r, r ~ U{1..E} (drawn first); E = 0 runs to the end (m = T - 1).
+- early stop (`_sample_drtune_early_stop_idx`, sd35/drtune.py:52-75): E = round(ratio * T)
+  (`gradient_paths.drtune.early_stop`, 0.4); m = T - r, r ~ U{1..E} (drawn first); E = 0 runs to the end
+  (m = T - 1).
 - trained steps (`_sample_equally_spaced_train_indices`, sd35/drtune.py:24-49) over the L = m + 1 steps 0..m:
   stride max(1, L // K), start ~ U{0..L - 1 - (K - 1) * stride} (drawn second; a smaller stride when that is
-  negative); all L steps when K >= L. K = `drtune_train_steps` (3, FlowBP's default).
+  negative); all L steps when K >= L. K = `gradient_paths.drtune.train_steps` (3, FlowBP's default).
 - every denoiser call sees a detached copy of its input (sd35/drtune.py:110); the calls at trained steps keep their
   gradient, the others run without it; the latent chain itself stays differentiable, so gradient from every
   trained step reaches step m along the sampler's update path.
@@ -17,7 +18,7 @@ the reference code is FlowBP's re-implementation, `RuoyuWang-2077/FlowBP` @ 93b2
   (sd35/drtune.py:137-144). With the early stop off that is the last step's x0 (the finished sample for flow
   matching, where sigma after the last step is 0).
 - the unconditional half of classifier-free guidance runs without gradient (`cfg_detach_neg: true` in FlowBP's
-  configs, sd35/leapalign.py:185-198); `drtune_uncond_gradient=True` keeps it.
+  configs, sd35/leapalign.py:185-198); `gradient_paths.drtune.uncond_gradient=True` keeps it.
 """
 
 from __future__ import annotations
@@ -45,24 +46,22 @@ class Drtune(GradientPath):
 
     def __init__(self, config, family: str = ""):
         super().__init__(config, family)
-        knobs = config.gradient_paths
-        self.train_steps = knobs.drtune_train_steps
-        self.early_stop = knobs.drtune_early_stop
-        self.uncond_gradient = knobs.drtune_uncond_gradient
+        knobs = config.gradient_paths.drtune
+        self.train_steps, self.early_stop, self.uncond_gradient = (
+            knobs.train_steps,
+            knobs.early_stop,
+            knobs.uncond_gradient,
+        )
 
     @staticmethod
     def check(config) -> None:
-        count = config.gradient_paths.drtune_train_steps
+        count, ratio = config.gradient_paths.drtune.train_steps, config.gradient_paths.drtune.early_stop
         if not 1 <= count <= config.steps:
-            raise UserError(f"gradient_paths.drtune_train_steps={count} must lie in [1, steps={config.steps}]")
-        ratio = config.gradient_paths.drtune_early_stop
+            raise UserError(f"gradient_paths.drtune.train_steps={count} must lie in [1, steps={config.steps}]")
         if not 0 <= ratio <= 1:
             raise UserError(
-                f"gradient_paths.drtune_early_stop={ratio} must lie in [0, 1] (a fraction of the steps; 0: off)"
+                f"gradient_paths.drtune.early_stop={ratio} must lie in [0, 1] (a fraction of the steps; 0: off)"
             )
-
-    def settings(self) -> dict:
-        return {"train_steps": self.train_steps, "early_stop": self.early_stop, "uncond_gradient": self.uncond_gradient}
 
     def plan(self, stop: int, trained_steps) -> DrtunePlan:
         return DrtunePlan(flags(self.steps, set(trained_steps)), stop)

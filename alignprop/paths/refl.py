@@ -5,13 +5,14 @@ arXiv 2304.05977; code `THUDM/ImageReward` `ImageReward/ReFL.py` (40 steps, the 
 `pred_original_sample` scored), and FlowBP's re-implementation for flow matching, `RuoyuWang-2077/FlowBP` @ 93b220a
 `flowbp/trainers/sd35/refl.py` (and `flux1/refl.py`):
 
-- k ~ U{min..max} (`refl_last_steps`; ImageReward's 1..10 of 40 steps, FlowBP's 1..11 of 25, sd35/refl.py:48-55);
+- k ~ U{min..max} (`gradient_paths.refl.last_steps`; ImageReward's 1..10 of 40 steps, FlowBP's 1..11 of 25,
+  sd35/refl.py:48-55);
 - sample without gradient up to step T - k (sd35/refl.py:57-77), the latents detached there;
 - one denoiser call there with gradient; the clean latents it predicts (the scheduler's x0; x - sigma v for flow
   matching, sd35/refl.py:79-98) are decoded and scored;
 - the unconditional half of classifier-free guidance runs without gradient (FlowBP's `cfg_detach_neg: true`,
   sd35/leapalign.py:185-198, which its SD3.5 configs set for the baselines): the gradient is guidance_scale times
-  the conditional call's. `refl_uncond_gradient=True` keeps both halves' (the batched call's) gradient.
+  the conditional call's. `gradient_paths.refl.uncond_gradient=True` keeps both halves' (the batched call's) gradient.
 """
 
 from __future__ import annotations
@@ -37,20 +38,17 @@ class ReFL(GradientPath):
 
     def __init__(self, config, family: str = ""):
         super().__init__(config, family)
-        self.last_steps = tuple(config.gradient_paths.refl_last_steps)
-        self.uncond_gradient = config.gradient_paths.refl_uncond_gradient
+        knobs = config.gradient_paths.refl
+        self.last_steps, self.uncond_gradient = tuple(knobs.last_steps), knobs.uncond_gradient
 
     @staticmethod
     def check(config) -> None:
-        low, high = config.gradient_paths.refl_last_steps
+        low, high = config.gradient_paths.refl.last_steps
         if not 1 <= low <= high <= config.steps:
             raise UserError(
-                f"gradient_paths.refl_last_steps={(low, high)} must satisfy 1 <= min <= max <= steps={config.steps} "
+                f"gradient_paths.refl.last_steps={(low, high)} must satisfy 1 <= min <= max <= steps={config.steps} "
                 "(k-th step from the end; 1 = the last)"
             )
-
-    def settings(self) -> dict:
-        return {"last_steps": self.last_steps, "uncond_gradient": self.uncond_gradient}
 
     def plan(self, step: int) -> ReflPlan:
         return ReflPlan(flags(self.steps, {step}), step)

@@ -26,8 +26,11 @@ class RewardResult:
 class Reward(torch.nn.Module, abc.ABC):
     """Base class. Subclasses implement `score`, the one way to use a reward.
 
-    Rewards are frozen: their parameters never require grad and they stay in eval mode.
+    Rewards are frozen: their parameters never require grad and they stay in eval mode. `image_size`: the (height,
+    width) a reward can read (None: any; it resizes itself).
     """
+
+    image_size: tuple[int, int] | None = None
 
     @abc.abstractmethod
     def score(self, images: torch.Tensor, prompts: list[str]) -> RewardResult:

@@ -13,7 +13,7 @@ T5's place: SD3's pipeline, run without T5 (`text_encoder_3=None`), stands in ze
 `encode_prompt`'s default `max_sequence_length` (256) zero tokens after the 16 CLIP tokens. But a directory saved
 that way loads only when the caller passes `text_encoder_3=None, tokenizer_3=None` to `from_pretrained` (diffusers
 treats them as required), so the shipped pipeline carries a *null T5* instead: a `T5EncoderModel` with no layers and
-zero weights, whose output is exactly those zeros (with a character-level T5 tokenizer, `tiny_families.t5_tokenizer`).
+zero weights, whose output is exactly those zeros (with a character-level T5 tokenizer, `vocab.t5_tokenizer`).
 The stock `from_pretrained(directory)` then loads it, and images equal those of the T5-less pipeline.
 
 The transformer maps each zero token to the same context token and treats them identically in every block, so for
@@ -34,9 +34,9 @@ from diffusers import (
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
 
-from alignprop.tiny_families import t5_tokenizer
 from alignprop.toyworld import components
 from alignprop.toyworld.components import LATENT_SIZE, TEXT_WIDTH
+from alignprop.toyworld.vocab import t5_tokenizer
 
 # `StableDiffusion3Pipeline.encode_prompt`'s default max_sequence_length: the zero "T5" tokens without T5.
 T5_PADDING = 256

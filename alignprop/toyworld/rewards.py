@@ -70,6 +70,8 @@ def checker_metrics(images: torch.Tensor, requests: list[Request]) -> dict[str, 
 class ToyWorldReward(Reward):
     """Parses the prompts, scores with `reward_and_loss`, and attaches the checker's verdict."""
 
+    image_size = (IMAGE_SIZE, IMAGE_SIZE)  # the toy world's pixels: its checker reads them one by one
+
     def score(self, images, prompts):
         requests = requests_of(prompts)
         reward, loss = self.reward_and_loss(images, requests)

@@ -4,18 +4,24 @@ CLIP's tokenizer is byte-level BPE. The vocabulary holds every byte symbol (alon
 text still tokenizes (unknown words fall back to characters), plus the merges that join each grammar
 word into a single token. Merges are found by simulating BPE and adding, for every word that does not
 yet come out whole, the merge of its first two pieces, until every word does.
+
+`t5_tokenizer` is the character-level T5 tokenizer of the flow model's null T5 and of the tiny SD3/FLUX pipelines.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
+
+from transformers import T5Tokenizer
 
 from alignprop.toyworld.captions import grammar_words
 
 END_OF_WORD = "</w>"
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 MAX_LENGTH = 16  # tokens per prompt, start and end included; captions need 9
+T5_LENGTH = 512  # the model_max_length of SD3's and FLUX's T5 tokenizers
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -82,3 +88,14 @@ def write_tokenizer_files(directory: Path, words: list[str] | None = None) -> li
     lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
     (directory / "merges.txt").write_text("\n".join(lines) + "\n")
     return tokens
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A character-level T5 tokenizer: Unigram over every printable ASCII character and SentencePiece's "▁".
+
+    Ids as T5's: <pad>=0, </s>=1, <unk>=2; other characters become <unk>. (transformers 5's T5Tokenizer
+    is the tokenizers-backed class, T5TokenizerFast an alias; it saves tokenizer.json, no spiece.model.)
+    """
+    pieces = ["▁"] + [c for c in string.printable if not c.isspace()]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(piece, -1.0) for piece in pieces]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_LENGTH)
