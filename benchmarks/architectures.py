@@ -197,10 +197,10 @@ def build_flow(arch: str, device: torch.device, dtype: torch.dtype):
         if arch == "sd35":
             denoiser = SD3Transformer2DModel(**SD35_TRANSFORMER)
             clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2, **special))
-            vae = AutoencoderKL(**FLOW_VAE, scaling_factor=1.5305, shift_factor=0.0609)
+            vae = AutoencoderKL(**{**FLOW_VAE, "scaling_factor": 1.5305, "shift_factor": 0.0609})
         else:
             denoiser = FluxTransformer2DModel(**FLUX_TRANSFORMER)
-            vae = AutoencoderKL(**FLOW_VAE, scaling_factor=0.3611, shift_factor=0.1159)
+            vae = AutoencoderKL(**{**FLOW_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159})
     cast = lambda module: module.to(dtype)  # noqa: E731
     if arch == "sd35":
         return StableDiffusion3Pipeline(
