@@ -293,8 +293,8 @@ def general():
     train.batch_size_per_gpu_available = 4
     train.gradient_accumulation_steps = -1  # derived
     train.data_loader_iterations = -1  # derived
-    # Samples per no-grad denoiser call for the steps before each plan's first kept step, run for all the update's
-    # micro-batches together before the steps with gradient (alignprop/prefix.py; gradient_path="truncation", eta=0).
+    # Samples per no-grad denoiser call for the steps before each plan's first step with gradient, run for all the
+    # update's micro-batches together before the steps with gradient (alignprop/prefix.py; every gradient path; eta=0).
     # 0: off (each micro-batch samples on its own). Same draws, plans and gradients either way.
     train.no_grad_batch_size = 0
 

@@ -7,18 +7,15 @@ gradient path, the
 plans and the random streams' states after the update are the same, and so are checkpoints.
 """
 
-from dataclasses import replace
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from small_runs import make_trainer, small_config
+from small_runs import make_trainer, one_update_runner, small_config
 
 from alignprop import checkpoint, models, paths, prefix
 from alignprop.conditioning import Conditioning
 from alignprop.errors import UserError
 from alignprop.prefix import prefix_length, run_prefixes
-from alignprop.rewards import RewardResult
 from alignprop.runtime import validate
 from alignprop.sampling import SamplingOptions, initial_latents, sample
 from alignprop.truncation import Truncation
@@ -39,14 +36,6 @@ TRUNCATIONS = {
 }
 
 
-class SmoothReward(torch.nn.Module):
-    """A smooth image loss (the toy-world reward's classifier is float32)."""
-
-    def score(self, images, prompts):
-        loss = (images - 0.3).square().mean(dim=(1, 2, 3))
-        return RewardResult(loss, -loss.detach())
-
-
 def config_for(preset, tmp_path, steps=STEPS, **overrides):
     """The small tiny-preset run (per_step_uniform over all steps), guided, 3 micro-batches of 2 per update."""
     limits = {"truncated_backprop_minmax": (0, steps), "trunc_backprop_timestep": steps - 1}
@@ -55,40 +44,18 @@ def config_for(preset, tmp_path, steps=STEPS, **overrides):
 
 @pytest.fixture(scope="module")
 def trainer64(preset, tmp_path_factory):
-    """One float64 trainer whose LoRA B factors are non-zero; its `gradients(strategy, chunk)` runs one update from
-    the same weights and stream states and returns (LoRA gradients, kept steps, stream states after)."""
-    trainer = make_trainer(config_for(preset, tmp_path_factory.mktemp("prefix")))
-    trainer.model.pipeline.to(torch.float64)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in trainer.denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.05)
-    trainer.reward = SmoothReward()
-    draw = trainer.draw_micro_batch
-    trainer.draw_micro_batch = lambda: (lambda batch: replace(batch, latents=batch.latents.double()))(draw())
-    captured = {}
-
-    def capture():
-        captured["grads"] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.params]
-
-    trainer.synchronize_gradients = capture
-    weights = [p.detach().clone() for p in trainer.params]
-    streams = trainer.random.state_dict()
+    """`gradients(strategy, chunk)`: one update of a float64 trainer from the same weights and stream states with a
+    truncation strategy or another gradient path; (LoRA gradients, kept steps, stream states after)."""
+    trainer, run = one_update_runner(config_for(preset, tmp_path_factory.mktemp("prefix")))
 
     def gradients(strategy: str, chunk: int):
-        with torch.no_grad():
-            for param, saved in zip(trainer.params, weights):
-                param.copy_(saved)
-        trainer.random.load_state_dict(streams)
         if strategy in TRUNCATIONS:
-            trainer.path = paths.Truncation(trainer.config)
-            trainer.path.strategy = TRUNCATIONS[strategy]
+            path = paths.Truncation(trainer.config)
+            path.strategy = TRUNCATIONS[strategy]
         else:  # another gradient path, with its default settings for a STEPS-step schedule
-            trainer.path = paths.REGISTRY[strategy](replace_path(trainer.config, strategy))
-        trainer.config.train.no_grad_batch_size = chunk
-        record = trainer.train_update()
-        return captured["grads"], record["kept_steps"], trainer.random.state_dict()
+            path = paths.REGISTRY[strategy](replace_path(trainer.config, strategy))
+        grads, record, streams = run(path, chunk)
+        return grads, record["kept_steps"], streams
 
     return gradients
 

@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from gradient_checks import PROMPTS, float64_model_with_lora, relative_errors, weighted_lora_grads
-from small_runs import assert_one_line_before_the_run_directory, make_trainer, small_config
+from small_runs import assert_one_line_before_the_run_directory, one_update_runner, small_config
 
 from alignprop import paths, schema
 from alignprop.errors import UserError
@@ -33,7 +33,6 @@ from alignprop.paths.step_draws import (
 )
 from alignprop.presets import load_preset
 from alignprop.randomness import RandomStreams
-from alignprop.rewards import RewardResult
 from alignprop.sampling import SamplingOptions, initial_latents, sample
 
 STEPS = 7
@@ -618,50 +617,21 @@ def test_trains_through_run_job_and_resumes_bit_for_bit(preset, tmp_path, name, 
 # --- the no-grad prefix ----------------------------------------------------------------------------------------
 
 
-class SmoothReward(torch.nn.Module):
-    def score(self, images, prompts):
-        loss = (images - 0.3).square().mean(dim=(1, 2, 3))
-        return RewardResult(loss, -loss.detach())
-
-
 @pytest.fixture(scope="module")
 def flow_trainer64(preset, tmp_path_factory):
     """A float64 trainer on tiny SD3 (3 micro-batches of 2 per update); `gradients(name, chunk)` runs one update
     from the same weights and streams with `name`'s estimator and returns (LoRA gradients, plans, streams after)."""
-    from dataclasses import replace
-
     tmp_path = tmp_path_factory.mktemp("flowbp_prefix")
     config = flow_config(preset, tmp_path, "tiny_sd3", steps=6, truncated_backprop_minmax=(0, 6))
     config.train.total_samples_per_epoch = config.train.total_batch_size = 6
     config.train.batch_size_per_gpu_available = 2
-    trainer = make_trainer(config)
-    trainer.model.pipeline.to(torch.float64)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param_name, param in trainer.denoiser.named_parameters():
-            if "lora_B" in param_name:
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.05)
-    trainer.reward = SmoothReward()
-    draw = trainer.draw_micro_batch
-    trainer.draw_micro_batch = lambda: (lambda batch: replace(batch, latents=batch.latents.double()))(draw())
-    captured = {}
-    trainer.synchronize_gradients = lambda: captured.update(
-        grads=[p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.params]
-    )
-    weights = [p.detach().clone() for p in trainer.params]
-    streams = trainer.random.state_dict()
+    trainer, run = one_update_runner(config)
 
     def gradients(name, chunk):
-        with torch.no_grad():
-            for param, saved in zip(trainer.params, weights):
-                param.copy_(saved)
-        trainer.random.load_state_dict(streams)
         path_config = trainer.config.copy_and_resolve_references()
         path_config.gradient_path = name
-        trainer.path = CLASSES[name](path_config, "sd3")
-        trainer.config.train.no_grad_batch_size = chunk
-        record = trainer.train_update()
-        return captured["grads"], record["plans"], trainer.random.state_dict()
+        grads, record, streams = run(CLASSES[name](path_config, "sd3"), chunk)
+        return grads, record["plans"], streams
 
     return gradients
 
