@@ -75,8 +75,12 @@ class Scored:
     plan: paths.Plan
     prompts: tuple[str, ...] = ()
     images: torch.Tensor | None = None  # the first branch's decoded images, detached (visualize_train saves some)
-    scored_as: str = "final"  # what the first branch scored (`paths.Branch.name`)
-    branch_rewards: dict = field(default_factory=dict)  # every branch's name -> its per-sample rewards
+    branch_rewards: dict = field(default_factory=dict)  # every branch's name -> its per-sample rewards, in order
+
+    @property
+    def scored_as(self) -> str:
+        """What the first branch scored (`paths.Branch.name`)."""
+        return next(iter(self.branch_rewards), "final")
 
 
 def make_optimizer(train_config, params):
@@ -239,7 +243,7 @@ class Trainer:
         loss = total.mean() * self.config.train.loss_coeff
         first = branches[0].name
         rewards = {name: result.reward.detach() for name, result in results.items()}
-        return Scored(loss, results[first], batch.plan, tuple(batch.prompts), first_images, first, rewards)
+        return Scored(loss, results[first], batch.plan, tuple(batch.prompts), first_images, rewards)
 
     def synchronize_gradients(self) -> None:
         average_gradients(self.params, self.accelerator)
@@ -469,7 +473,6 @@ class Trainer:
         self.guard.load_state_dict(state.get("nonfinite", [0, 0]))
         self.restore_average(state.get("ema"), saved.path)
         self.log({"update": self.update, "resumed_from": str(saved.path), "completed_epochs": self.epoch})
-
 
     def restore_average(self, saved, path: Path) -> None:
         """The checkpoint's moving average; one without one (saved with train.ema_decay=0) starts it afresh from

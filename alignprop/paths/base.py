@@ -20,6 +20,7 @@ sampling options and its plan; never the Trainer.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,7 +29,7 @@ import torch
 from alignprop.prefix import prefix_length
 from alignprop.rewards.base import RewardResult
 from alignprop.rewards.relative import Relative
-from alignprop.sampling import SamplingOptions, initial_latents, sample
+from alignprop.sampling import SamplingOptions, guided_prediction, initial_latents, sample
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class Plan:
         return {"trained_steps": self.trained_steps()}
 
 
-class GradientPath:
+class GradientPath(abc.ABC):
     """One gradient path. Subclasses set `name` and `reference` and implement `draw` and `sample`."""
 
     name: ClassVar[str] = ""
@@ -84,14 +85,17 @@ class GradientPath:
 
     @staticmethod
     def check(config) -> None:
-        """One UserError line for the first setting of this path the run cannot honour."""
+        """One UserError line for the first setting of this path the run cannot honour (none by default)."""
+        return None
 
     def check_model(self, model) -> None:
         """One UserError line when the path cannot run on `model`'s family (called once the model is loaded,
-        before the run directory exists)."""
+        before the run directory exists; every family by default)."""
+        return None
 
+    @abc.abstractmethod
     def draw(self, random, model, latents: torch.Tensor) -> Plan:
-        raise NotImplementedError
+        """Every random choice of one micro-batch, from the trainer's streams."""
 
     def gradient_calls(self, plan: Plan) -> int:
         """Denoiser calls with gradient per sample (a guided call over [uncond; cond] counts once)."""
@@ -101,9 +105,9 @@ class GradientPath:
         """Leading sampler steps without gradient (the steps before the first trained one, by default)."""
         return prefix_length(plan.trained)
 
+    @abc.abstractmethod
     def sample(self, model, conditioning, latents, plan: Plan, options: SamplingOptions, start=0, generator=None):
         """The micro-batch's branches (a list of `Branch`); `latents` are those at step `start`."""
-        raise NotImplementedError
 
 
 # --- pieces several paths share ------------------------------------------------------------------------------
@@ -118,6 +122,12 @@ def rollout(model, conditioning, latents, options, start=0, stop=None, generator
     """The sampler from step `start` to step `stop` (default: the end) without gradient."""
     with torch.no_grad():
         return sample(model, conditioning, latents, (False,) * options.steps, options, generator, start, stop=stop)
+
+
+def one_step(model, conditioning, latents, timestep, options, uncond_gradient=True):
+    """One deterministic sampler step whose denoiser call keeps its gradient."""
+    prediction = guided_prediction(model, latents, timestep, conditioning, options, uncond_gradient)
+    return model.step(prediction, timestep, latents, eta=0.0)
 
 
 def fresh_noise(model, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

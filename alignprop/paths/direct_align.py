@@ -41,8 +41,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags, fresh_noise, rollout, uniform_int
-from alignprop.paths.draft_lv import one_step
+from alignprop.paths.base import Branch, GradientPath, Plan, flags, fresh_noise, one_step, rollout, uniform_int
 from alignprop.sampling import guided_prediction
 
 NOISE_SOURCES = ("initial", "fresh")
@@ -93,11 +92,8 @@ class DirectAlign(GradientPath):
                 raise UserError(
                     f"gradient_paths.direct_align.{key}={knobs[key]!r}; choose one of: {', '.join(choices)}"
                 )
-        if knobs.levels == "sampler" and knobs.branch != "denoise" and steps < 3:
-            raise UserError(
-                f"gradient_paths.direct_align.branch={knobs.branch!r} needs steps >= 3 on the sampler's "
-                "levels (the inversion steps up a level, never to pure noise)"
-            )
+        if knobs.levels == "sampler":
+            check_sampler_inversion(knobs.branch, steps)
 
     def check_model(self, model) -> None:
         if self.continuous and model.name not in ("sd3", "flux"):
@@ -105,11 +101,8 @@ class DirectAlign(GradientPath):
                 f"gradient_paths.direct_align.levels='continuous' needs a flow-matching model (SD3, FLUX); this "
                 f"{model.name} model samples with DDIM: use 'sampler' (or 'auto')"
             )
-        if not self.continuous and self.branch != "denoise" and self.steps < 3:
-            raise UserError(
-                f"gradient_paths.direct_align.branch={self.branch!r} needs steps >= 3 on the sampler's levels "
-                "(the inversion steps up a level, never to pure noise)"
-            )
+        if not self.continuous:  # "auto" resolved to the sampler's levels for this family
+            check_sampler_inversion(self.branch, self.steps)
 
     def settings(self) -> dict:
         levels = {"levels": "continuous", "gap": self.gap} if self.continuous else {"levels": "sampler"}
@@ -208,6 +201,15 @@ class DirectAlign(GradientPath):
             up = inversion_step(model, conditioning, noisy, timesteps[step], timesteps[step - 1], options)
             inverted = model.clean_at(up, noise, timesteps[step - 1])
         return denoised, inverted
+
+
+def check_sampler_inversion(branch: str, steps: int) -> None:
+    """On the sampler's levels an inversion steps up a level, never to pure noise: it needs 3 steps."""
+    if branch != "denoise" and steps < 3:
+        raise UserError(
+            f"gradient_paths.direct_align.branch={branch!r} needs steps >= 3 on the sampler's levels "
+            "(the inversion steps up a level, never to pure noise)"
+        )
 
 
 def flow_branch(model, conditioning, clean, noise, sigma, target, options):

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags, fresh_noise
-from alignprop.sampling import guided_prediction, sample
+from alignprop.paths.base import Branch, GradientPath, Plan, flags, fresh_noise, one_step
+from alignprop.sampling import sample
 
 COMBINE = ("mean", "sum")
 
@@ -72,9 +72,3 @@ class DraftLv(GradientPath):
             stepped = one_step(model, conditioning, noisy, last, options, uncond)
             branches.append(Branch(f"renoised_{index + 1}", stepped, weight))
         return branches
-
-
-def one_step(model, conditioning, latents, timestep, options, uncond_gradient=True):
-    """One deterministic sampler step whose denoiser call keeps its gradient."""
-    prediction = guided_prediction(model, latents, timestep, conditioning, options, uncond_gradient)
-    return model.step(prediction, timestep, latents, eta=0.0)

@@ -45,9 +45,9 @@ from alignprop.paths.flowbp_common import (
     rescale_factor,
     rollout,
     straight_through,
-    velocity,
 )
 from alignprop.paths.step_draws import late_biased_steps
+from alignprop.sampling import guided_prediction
 
 # FlowBP's final configs: configs/final/sd35/sd3_5_flowbp_bridge.yaml:56-62 ("sd3"), flux1_flowbp_bridge.yaml:46-51
 # ("flux", and any other family). num_active_steps (5) and jk_sampling (uniform) are the same in both.
@@ -125,7 +125,9 @@ class FlowBPBridge(GradientPath):
         gamma = rescale_factor(deltas, [deltas[i] for i in plan.before + plan.after], self.grad_rescale)
 
         def term(step, model_input):
-            v = velocity(model, conditioning, options, self.uncond_gradient, model_input, cache.timesteps[step])
+            v = guided_prediction(
+                model, model_input, cache.timesteps[step], conditioning, options, self.uncond_gradient
+            )
             return deltas[step] * grad_scale(v, gamma)
 
         x_j_hat = sum(term(i, cache.latents[i]) for i in plan.before)  # less its terms without gradient

@@ -144,12 +144,6 @@ def rollout(model, conditioning, latents, options, start, generator, keep_latent
     return Rollout(kept_latents, kept_velocities, latents, timesteps, sigmas)
 
 
-def velocity(model, conditioning, options, uncond_gradient: bool, latents, timestep) -> torch.Tensor:
-    """The guided velocity with gradient (when autograd is on); `uncond_gradient=False`: the unconditional CFG
-    half in its own call without gradient (FlowBP's `cfg_detach_neg`, sd35/leapalign.py:185-209)."""
-    return guided_prediction(model, latents, timestep, conditioning, options, uncond_gradient)
-
-
 # --- connectors ----------------------------------------------------------------------------------------------
 
 

@@ -59,8 +59,8 @@ from alignprop.paths.flowbp_common import (
     rollout,
     straight_through,
     uniform_weights,
-    velocity,
 )
+from alignprop.sampling import guided_prediction
 
 # FlowBP's final configs: configs/final/sd35/sd3_5_flowbp_lagrange.yaml:51-71 ("sd3": jk_dirichlet_max_j_rev 10,
 # flowbp_lagrange.grad_rescale absent: the parser's 0.0, flowbp/train_flowbp_flux.py:437-446) and
@@ -168,7 +168,9 @@ class FlowBPLagrange(GradientPath):
         )
 
         def v(step, model_input):
-            return velocity(model, conditioning, options, self.uncond_gradient, model_input, cache.timesteps[step])
+            return guided_prediction(
+                model, model_input, cache.timesteps[step], conditioning, options, self.uncond_gradient
+            )
 
         def quadrature(x_start, a, b, support, active, v_a):
             """Q(x_a, a, b): the model's other active supports called here, in support order (S:70-109)."""

@@ -40,9 +40,9 @@ from alignprop.paths.flowbp_common import (
     rescale_factor,
     rollout,
     straight_through,
-    velocity,
 )
 from alignprop.paths.step_draws import late_biased_steps
+from alignprop.sampling import guided_prediction
 
 # FlowBP's final configs: configs/final/sd35/sd3_5_flowbp_sparse.yaml:56-59 ("sd3"), flux1_flowbp_sparse.yaml:46-49
 # ("flux", and any other family).
@@ -97,6 +97,8 @@ class FlowBPSparse(GradientPath):
         gamma = rescale_factor(deltas, [deltas[step] for step in plan.active], self.grad_rescale)
         estimate = 0  # x0_hat less its terms without gradient
         for step in plan.active:
-            v = velocity(model, conditioning, options, self.uncond_gradient, cache.latents[step], cache.timesteps[step])
+            v = guided_prediction(
+                model, cache.latents[step], cache.timesteps[step], conditioning, options, self.uncond_gradient
+            )
             estimate = estimate + deltas[step] * grad_scale(v, gamma)
         return [Branch("final", straight_through(estimate, cache.final))]
