@@ -4,6 +4,8 @@
 `checkpoint_N_update_U/` is one saved by Ctrl-C inside epoch N+1, after update U (resuming continues there):
 
     pytorch_lora_weights.safetensors   the LoRA in diffusers format (loads with `load_lora_weights(dir)`)
+    unet/ or transformer/              instead, with train.finetune="full": the whole denoiser (save_pretrained)
+    ema/                               the moving average's weights, laid out the same (train.ema_decay)
     training_state.pt                  optimizer, grad scaler, every RNG stream, counters: tensors and plain
                                        containers only, read back with torch.load(weights_only=True)
     checkpoint.json                    written last; a directory without it is never used
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from alignprop.denoiser_files import is_denoiser_folder
 from alignprop.errors import UserError
 from alignprop.lora_files import LORA_FILE_NAME, is_original_checkpoint, lora_file
 from alignprop.nonfinite import all_finite, optimizer_tensors
@@ -39,6 +42,7 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.pt"
 MARKER_FILE = "checkpoint.json"
 TEMP_PREFIX = ".tmp-"
+AVERAGE_DIR = "ema"  # a checkpoint's moving-average weights (train.ema_decay), beside its raw ones
 FORMAT_VERSION = 1
 NAME_PATTERN = re.compile(r"checkpoint_(\d+)(?:_update_(\d+))?")
 
@@ -59,6 +63,21 @@ class Checkpoint:
     @property
     def lora_path(self) -> Path:
         return self.path / LORA_FILE_NAME
+
+    @property
+    def finetune(self) -> str:
+        """What the run trained (`train.finetune`); checkpoints from before full fine-tuning hold a LoRA."""
+        return self.info.get("finetune", "lora")
+
+    @property
+    def denoiser_name(self) -> str | None:
+        """The folder (`unet` / `transformer`) of a full fine-tuning checkpoint's denoiser."""
+        return self.info.get("denoiser")
+
+    def weights_path(self, averaged: bool = False) -> Path:
+        """Its LoRA file or denoiser folder (`averaged`: the moving average's, when it holds one)."""
+        root = self.path / AVERAGE_DIR if averaged else self.path
+        return root / self.denoiser_name if self.finetune == "full" else root / LORA_FILE_NAME
 
     def training_state(self) -> dict:
         """Optimizer, scaler, RNG and counters; plain data only (no pickled code is ever executed)."""
@@ -123,21 +142,21 @@ def resolve(resume_from: str) -> Checkpoint:
     return checkpoints[-1]
 
 
-AVERAGE_DIR = "ema"  # a checkpoint's moving-average LoRA (train.ema_decay), beside its raw one
-
-
-def resolve_lora(source: str) -> Path:
-    """A LoRA to evaluate: a checkpoint or run (as `resolve`; its moving average when it holds one), a LoRA
-    directory, a .safetensors file, or a checkpoint directory of the original AlignProp code (its
-    `pytorch_lora_weights.bin`)."""
+def resolve_weights(source: str) -> Path:
+    """Trained weights to evaluate: a checkpoint or run (as `resolve`; its moving average when it holds one), a
+    LoRA directory, a .safetensors file, a checkpoint directory of the original AlignProp code (its
+    `pytorch_lora_weights.bin`), or a saved denoiser folder (`RUN/unet`, `RUN/transformer`). Returns a LoRA file
+    or a denoiser folder (`denoiser_files.is_denoiser_folder`)."""
     path = Path(source)
     if is_original_checkpoint(path):
         return lora_file(path)
+    if is_denoiser_folder(path):
+        return path
     if path.is_file() or (path.is_dir() and (path / LORA_FILE_NAME).is_file() and not looks_like_checkpoint(path)):
         return path if path.is_file() else path / LORA_FILE_NAME
     saved = resolve(source)
-    averaged = saved.path / AVERAGE_DIR / LORA_FILE_NAME  # train.ema_decay: evaluate the average
-    return averaged if averaged.is_file() else saved.lora_path
+    averaged = saved.weights_path(averaged=True)  # train.ema_decay: evaluate the average
+    return averaged if averaged.exists() else saved.weights_path()
 
 
 # --- writing ----------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def report(kind: str, result) -> None:
 
 
 WRITTEN = {  # what a job leaves in its run directory (besides config.json), said at the end
-    "train": "lora/, before_after.png, metrics.jsonl, checkpoints/, eval/",
+    "train": "{final}/, before_after.png, metrics.jsonl, checkpoints/, eval/",
     "evaluate": "images/, grid.png, summary.json",
     "soup": "coef_<c>/, soup.csv, soup.json, soup.png",
 }
@@ -309,7 +309,8 @@ def run_config(config, preset: str = "") -> None:
     job, run_dir, result = jobs.run_job(config)
     if PartialState().is_main_process:
         report(job.kind, result)
-        print(f"wrote {WRITTEN[job.kind]} in {run_dir}")
+        final = next((name for name in ("lora", "unet", "transformer") if (run_dir / name).is_dir()), "lora")
+        print(f"wrote {WRITTEN[job.kind].format(final=final)} in {run_dir}")
         if job.kind == "train" and config.push_to_hub:
             from alignprop import hub
 

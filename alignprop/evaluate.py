@@ -20,6 +20,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from alignprop.denoiser_files import is_denoiser_folder, load_denoiser_weights
 from alignprop.families import Family
 from alignprop.lora_files import add_adapter, read_lora
 from alignprop.prompts import load_prompts
@@ -187,10 +188,11 @@ def evaluator_for(session: Session, config, batch_size: int) -> Evaluator:
 # --- the evaluate preset ----------------------------------------------------------------------------
 
 
-def evaluation_context(config, lora: str | None, mode: str) -> dict:
+def evaluation_context(config, weights: str | None, mode: str) -> dict:
+    """What summary.json says was evaluated (`lora`: the LoRA file or denoiser folder; None: the base model)."""
     return {
         "mode": mode,
-        "lora": lora,
+        "lora": weights,
         "model": config.pretrained.model,
         "reward_fn": config.reward_fn,
         "prompts": config.eval_prompt_fn,
@@ -201,16 +203,25 @@ def evaluation_context(config, lora: str | None, mode: str) -> dict:
     }
 
 
-def run_evaluation(session: Session, config, batch_size: int, run_dir: Path, lora: Path | None) -> EvalResult:
-    """Evaluate one LoRA (or the base model for None) and write run_dir/{images/, grid.png, summary.json}."""
+def load_trained(denoiser, weights: Path) -> None:
+    """A LoRA file added as an adapter, or a full fine-tuning's denoiser folder copied over the base weights."""
+    if is_denoiser_folder(weights):
+        load_denoiser_weights(denoiser, weights)
+    else:
+        add_adapter(denoiser, read_lora(weights), adapter_name="default")
+
+
+def run_evaluation(session: Session, config, batch_size: int, run_dir: Path, weights: Path | None) -> EvalResult:
+    """Evaluate trained weights (a LoRA file or a denoiser folder; the base model for None) and write
+    run_dir/{images/, grid.png, summary.json}."""
     evaluator = evaluator_for(session, config, batch_size)
     start_trackers(session, config, run_dir)
-    if lora is not None:
-        add_adapter(session.model.denoiser, read_lora(lora), adapter_name="default")
+    if weights is not None:
+        load_trained(session.model.denoiser, weights)
     result = evaluator(config.seed)
     accelerator = evaluator.accelerator
     if accelerator.is_main_process:
-        context = evaluation_context(config, None if lora is None else str(lora), "evaluate")
+        context = evaluation_context(config, None if weights is None else str(weights), "evaluate")
         summary = write_evaluation(result, run_dir, context)
         log_to_trackers(accelerator, "eval", summary, run_dir / "grid.png", step=0)
     accelerator.end_training()

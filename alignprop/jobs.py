@@ -17,10 +17,12 @@ from pathlib import Path
 from alignprop import checkpoint, evaluate, paths, runtime, soup, train
 from alignprop.batching import BatchPlan
 from alignprop.checkpoint import BASE_MODEL
+from alignprop.denoiser_files import check_denoiser_folder, is_denoiser_folder
 from alignprop.errors import UserError
 from alignprop.lora_files import check_matches_config, is_original_checkpoint, read_lora
 from alignprop.rundir import DISK_FULL, cannot_write, create_run_dir, os_error_behind, write_config
 from alignprop.session import Session, build_session
+from alignprop.trainable import LORA_DIR, check_saved
 
 logger = logging.getLogger(__name__)
 
@@ -32,27 +34,35 @@ class Job:
     work: Callable[[Session, Path], object]  # (session, run_dir) -> result
 
 
-def evaluation_lora(config) -> Path | None:
-    """The LoRA file that only_eval evaluates (None: the base model)."""
+def evaluation_weights(config) -> Path | None:
+    """The LoRA file or denoiser folder that only_eval evaluates (None: the base model)."""
     if not config.resume_from:
         raise UserError(
-            "only_eval needs --config.resume_from=<run dir | checkpoint dir | LoRA dir> "
+            "only_eval needs --config.resume_from=<run dir | checkpoint dir | LoRA dir | denoiser dir> "
             f"(or {BASE_MODEL!r} for the base model)"
         )
     if config.resume_from == BASE_MODEL:
         return None
-    path = checkpoint.resolve_lora(config.resume_from)
-    read_lora(path)  # readable and a diffusers LoRA
+    path = checkpoint.resolve_weights(config.resume_from)
+    if is_denoiser_folder(path):
+        check_denoiser_folder(path)  # its config and weights' headers read (the weights load with the model)
+    else:
+        read_lora(path)  # readable and a diffusers LoRA
     return path
 
 
 def prepare_training(config, batches: BatchPlan) -> Job:
     if config.resume_from and is_original_checkpoint(Path(config.resume_from)):
+        if config.train.finetune != "lora":
+            raise UserError(
+                f"resume_from={config.resume_from!r} is an original AlignProp checkpoint (a LoRA); "
+                f"train.finetune={config.train.finetune!r} cannot start from it"
+            )
         check_matches_config(read_lora(Path(config.resume_from)), config.lora)  # its LoRA only: no usable state
     elif config.resume_from:
         saved = checkpoint.resolve(config.resume_from)
         checkpoint.check_resumable(saved, config.num_epochs, batches.num_processes, batches.updates_per_epoch)
-        check_matches_config(read_lora(saved.lora_path), config.lora)
+        check_saved(saved.path, saved.finetune, config, saved.denoiser_name)
         checkpoint.read_training_state(saved)  # readable, complete, finite: before the run directory is made
         config.resume_from = str(saved.path)  # the exact checkpoint, as config.json will record it
     return Job("train", batches, lambda session, run_dir: train.train(config, batches, run_dir, session))
@@ -73,8 +83,8 @@ def prepare_job(config, batches: BatchPlan) -> Job:
         inputs = soup.prepare(config)
         return Job("soup", batches, lambda session, run_dir: soup.run_soup(session, config, size, run_dir, inputs))
     if config.only_eval:
-        lora = evaluation_lora(config)
-        work = lambda session, run_dir: evaluate.run_evaluation(session, config, size, run_dir, lora)  # noqa: E731
+        weights = evaluation_weights(config)
+        work = lambda session, run_dir: evaluate.run_evaluation(session, config, size, run_dir, weights)  # noqa: E731
         return Job("evaluate", batches, work)
     return prepare_training(config, batches)
 
@@ -100,7 +110,14 @@ def holds_only_the_config(run_dir: Path) -> bool:
     return all(path.name == "config.json" or path.is_dir() for path in run_dir.rglob("*"))
 
 
-def describe(job: Job, config, run_dir: Path, family: str = "") -> str:
+def final_weights(config, run_dir: Path, denoiser_name: str) -> str:
+    """Where the run's final weights go (`Trainable.final_dir`), as the start-up line says it."""
+    if config.train.finetune == "full":
+        return f"final denoiser: {run_dir / denoiser_name}"
+    return f"final LoRA: {run_dir / LORA_DIR}"
+
+
+def describe(job: Job, config, run_dir: Path, family: str = "", denoiser_name: str = "unet") -> str:
     """The start-up lines: where things go and, for training, the batch arithmetic and the gradient path."""
     lines = [f"run directory: {run_dir}"]
     if job.kind == "train":
@@ -110,7 +127,7 @@ def describe(job: Job, config, run_dir: Path, family: str = "") -> str:
             f"{b.gradient_accumulation_steps} passes = {config.train.total_batch_size} samples per update; "
             f"{b.updates_per_epoch} update(s) per epoch x {config.num_epochs} epochs",
             f"checkpoints: {run_dir / checkpoint.CHECKPOINTS_DIR} (every {config.save_freq} epochs); "
-            f"final LoRA: {run_dir / 'lora'}; metrics: {run_dir / 'metrics.jsonl'}",
+            f"{final_weights(config, run_dir, denoiser_name)}; metrics: {run_dir / 'metrics.jsonl'}",
             paths.from_config(config, family).describe(),
         ]
     return "\n".join(lines)
@@ -124,7 +141,7 @@ def run_job(config) -> tuple[Job, Path, object]:
     session = build_session(config)  # a model or reward that cannot load fails here, before any file exists
     run_dir = shared_run_dir(config)
     if PartialState().is_main_process:
-        print(describe(job, config, run_dir, session.model.name), flush=True)
+        print(describe(job, config, run_dir, session.model.name, session.model.denoiser_name), flush=True)
     try:
         return job, run_dir, job.work(session, run_dir)
     except Exception as error:

@@ -37,6 +37,15 @@ def check_cadence(config) -> None:
             raise UserError(f"{key} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_finetune(config) -> None:
+    """Settings that full fine-tuning (train.finetune="full") cannot honour."""
+    if config.train.finetune == "full" and config.native_dtype:
+        raise UserError(
+            "native_dtype runs the frozen networks in their own dtype with autocast off; with train.finetune=full the "
+            "denoiser holds fp32 master weights, so it would run in fp32: drop native_dtype"
+        )
+
+
 def validate(config, num_processes: int) -> BatchPlan:
     """Check the whole config (raising UserError) and fill in derived fields; returns the batch plan."""
     schema.check(config)
@@ -59,6 +68,7 @@ def validate(config, num_processes: int) -> BatchPlan:
     paths.check(config)
     prefix.check(config)
     check_cadence(config)
+    check_finetune(config)
     batches = plan_batches(config.train, num_processes)
     fill_derived_fields(config.train, batches)
     return batches

@@ -312,6 +312,7 @@ def _lr_schedulers():
 
 EVAL_PROMPT_MODES = ("all", "original")
 TRACKERS = ("none", "wandb", "tensorboard")  # runtime.validate then checks that the package is installed
+FINETUNE_MODES = ("lora", "full")  # trainable.py: a LoRA adapter | every denoiser weight
 SOUP_MODES = ("params", "delta")  # soup.py: mix every LoRA tensor | the two adapters side by side
 # torch.compile modes of `compile_denoiser` ("default" is torch.compile's mode=None); "off" does not compile.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -488,6 +489,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "train.gradient_accumulation_steps": Int(1, also=(-1,), note="derived from the batch sizes at start"),
     "train.data_loader_iterations": Int(1, also=(-1,), note="derived from the batch sizes at start"),
     "train.ema_decay": Number(0, 1, high_open=True, note="0: off"),
+    "train.finetune": Text(choices=lambda: FINETUNE_MODES),
     "train.no_grad_batch_size": Int(0, note="samples per no-grad prefix call; 0: off"),
     # trackers (config.wandb, with tracker="wandb" or "tensorboard")
     "wandb.project": Text(empty=False, validate=_one_path_component),

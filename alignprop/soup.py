@@ -1,4 +1,5 @@
-"""Model soup: evaluate a mix of two LoRAs (or of one LoRA and the base model) at one or many coefficients.
+"""Model soup: evaluate a mix of two LoRAs or full fine-tunings (or of one and the base model) at one or many
+coefficients.
 
 Two modes, for A = resume_from, B = resume_from_2 ("stablediffusion": no LoRA) and c = the coefficient:
 
@@ -7,6 +8,10 @@ Two modes, for A = resume_from, B = resume_from_2 ("stablediffusion": no LoRA) a
   against the base model it is c^2 * dW_A, and between two LoRAs it has cross terms c(1-c)(B_A A_B + ...).
 - "delta": the two adapters are loaded side by side with weights c and 1-c (diffusers' `set_adapters`),
   so the UNet's weights are W + c*dW_A + (1-c)*dW_B exactly, linear in c. Ranks and targets may differ.
+
+Two full fine-tunings (`train.finetune="full"`: denoiser folders), or one against the base model, mix every denoiser
+weight, c*A + (1-c)*B (B: the base weights): linear in c, so both modes give the same soup. A LoRA is not mixed with a
+full denoiser.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 
 from alignprop import checkpoint
 from alignprop.checkpoint import BASE_MODEL
+from alignprop.denoiser_files import check_fits, is_denoiser_folder, read_denoiser_state
 from alignprop.errors import UserError
 from alignprop.evaluate import EvalResult, evaluation_context, evaluator_for, log_to_trackers, write_evaluation
 from alignprop.lora_files import LoraWeights, add_adapter, check_same_layout, copy_into_adapter, read_lora
@@ -32,9 +38,17 @@ TABLE_NAME = "soup"  # soup.csv, soup.json, soup.png
 
 
 @dataclass(frozen=True)
+class DenoiserWeights:
+    """A full fine-tuning's denoiser, every tensor (read from its folder, `source`)."""
+
+    tensors: dict[str, torch.Tensor]
+    source: Path
+
+
+@dataclass(frozen=True)
 class SoupInputs:
-    a: LoraWeights
-    b: LoraWeights | None  # None: the base model
+    a: LoraWeights | DenoiserWeights
+    b: LoraWeights | DenoiserWeights | None  # None: the base model
     mode: str
     coefficients: tuple[float, ...]
 
@@ -53,11 +67,14 @@ def parse_coefficients(config) -> tuple[float, ...]:
     return tuple(dict.fromkeys(values))
 
 
-def read_source(source: str, key: str, base_allowed: bool = False) -> LoraWeights:
+def read_source(source: str, key: str, base_allowed: bool = False) -> LoraWeights | DenoiserWeights:
     if not source:
         base = f", or {BASE_MODEL!r} for the base model" if base_allowed else ""
-        raise UserError(f"soup_inference needs {key}: a checkpoint, run directory or LoRA directory{base}")
-    return read_lora(checkpoint.resolve_lora(source))
+        raise UserError(f"soup_inference needs {key}: a checkpoint, run directory, LoRA or denoiser directory{base}")
+    path = checkpoint.resolve_weights(source)
+    if is_denoiser_folder(path):
+        return DenoiserWeights(read_denoiser_state(path), path)
+    return read_lora(path)
 
 
 def prepare(config) -> SoupInputs:
@@ -67,7 +84,13 @@ def prepare(config) -> SoupInputs:
     coefficients = parse_coefficients(config)
     a = read_source(config.resume_from, "resume_from")
     b = None if config.resume_from_2 == BASE_MODEL else read_source(config.resume_from_2, "resume_from_2", True)
-    if b is not None and config.soup_mode == "params":
+    if b is not None and type(a) is not type(b):
+        kinds = {LoraWeights: "a LoRA", DenoiserWeights: "a whole denoiser (train.finetune=full)"}
+        raise UserError(
+            f"resume_from is {kinds[type(a)]}, resume_from_2 {kinds[type(b)]}: a soup mixes two of a kind "
+            f"(or one against the base model, {BASE_MODEL!r})"
+        )
+    if b is not None and config.soup_mode == "params" and isinstance(a, LoraWeights):
         check_same_layout(a, b)
     return SoupInputs(a, b, config.soup_mode, coefficients)
 
@@ -79,6 +102,30 @@ def mix_parameters(a: LoraWeights, b: LoraWeights | None, coefficient: float) ->
     else:
         tensors = {key: coefficient * tensor + (1 - coefficient) * b.tensors[key] for key, tensor in a.tensors.items()}
     return LoraWeights(tensors, a.metadata, a.source)
+
+
+class DenoiserSoup:
+    """A denoiser whose every weight is c*A + (1-c)*B (B: its own base weights), mixed in fp32 (full fine-tunings)."""
+
+    def __init__(self, denoiser, inputs: SoupInputs):
+        for weights in (inputs.a, inputs.b):
+            if weights is not None:
+                check_fits(denoiser, weights.source, weights.tensors)
+        if inputs.b is None:  # the base weights, copied before the first mix overwrites them
+            b = {key: tensor.detach().clone() for key, tensor in denoiser.state_dict().items()}
+        else:
+            b = inputs.b.tensors
+        self.denoiser, self.a, self.b = denoiser, inputs.a.tensors, b
+
+    def set_coefficient(self, coefficient: float) -> None:
+        mixed = {key: coefficient * a.float() + (1 - coefficient) * self.b[key].float() for key, a in self.a.items()}
+        with torch.no_grad():
+            self.denoiser.load_state_dict(mixed, strict=True)
+
+
+def make_soup(denoiser, inputs: SoupInputs):
+    """The soup for the inputs' kind: LoRAs (`Soup`) or whole denoisers (`DenoiserSoup`)."""
+    return DenoiserSoup(denoiser, inputs) if isinstance(inputs.a, DenoiserWeights) else Soup(denoiser, inputs)
 
 
 class Soup:
@@ -151,7 +198,7 @@ def run_soup(session, config, batch_size: int, run_dir: Path, inputs: SoupInputs
     """Evaluate the soup at every coefficient; run_dir/coef_<c>/ holds each evaluation, soup.* the table."""
     evaluator = evaluator_for(session, config, batch_size)
     start_trackers(session, config, run_dir)
-    soup = Soup(session.model.denoiser, inputs)
+    soup = make_soup(session.model.denoiser, inputs)
     accelerator, rows = evaluator.accelerator, []
     b_name = BASE_MODEL if inputs.b is None else str(inputs.b.source)
     context = {

@@ -1,4 +1,5 @@
-"""The AlignProp training loop: sample with gradient, decode, score, backpropagate into the LoRA.
+"""The AlignProp training loop: sample with gradient, decode, score, backpropagate into the trained weights (a LoRA,
+or the whole denoiser with train.finetune="full": `alignprop.trainable`).
 
 `Trainer.train_update` is one optimizer update, top to bottom. `Trainer.fit` runs the epochs around it:
 an evaluation before the first update and every `vis_freq` updates (the same function as the evaluate
@@ -42,8 +43,7 @@ from alignprop.evaluate import (
     write_evaluation,
 )
 from alignprop.interrupts import InterruptFlag
-from alignprop.lora import add_lora, save_lora
-from alignprop.lora_files import check_matches_config, copy_into_adapter, is_original_checkpoint, read_lora
+from alignprop.lora_files import copy_into_adapter, is_original_checkpoint, read_lora
 from alignprop.nonfinite import NonFiniteGuard, all_finite, optimizer_tensors
 from alignprop.pause import pause_point
 from alignprop.prefix import run_prefixes
@@ -54,6 +54,7 @@ from alignprop.rewards.shaping import shaper_from_config
 from alignprop.rundir import MetricsLog
 from alignprop.sampling import decode, initial_latents, sampling_options_from_config
 from alignprop.session import Session, build_session, start_trackers
+from alignprop.trainable import trainable_from_config
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def make_lr_scheduler(train_config, optimizer, total_updates: int):
 
 
 def average_gradients(params, accelerator) -> None:
-    """Mean of the LoRA gradients over processes, in one collective (the denoiser is not DDP-wrapped:
+    """Mean of the trainable weights' gradients over processes, in one collective (the denoiser is not DDP-wrapped:
     DDP does not support tens of checkpointed forward calls per backward)."""
     if accelerator.num_processes == 1:
         return
@@ -123,8 +124,8 @@ def average_gradients(params, accelerator) -> None:
         param.grad = chunk.view_as(param).clone()
 
 
-def lora_digest(params) -> str:
-    """A fingerprint of the LoRA tensors, to check that every process holds the same weights."""
+def weights_digest(params) -> str:
+    """A fingerprint of the trained tensors, to check that every process holds the same weights."""
     digest = hashlib.sha256()
     for param in params:
         digest.update(param.detach().float().cpu().numpy().tobytes())
@@ -138,7 +139,8 @@ class Trainer:
         self.accelerator, self.model, self.reward = session.accelerator, session.model, session.reward
         self.denoiser = self.model.denoiser
         set_seed(config.seed)  # peft's LoRA init draws from the global generators: the same on every process
-        self.params = add_lora(self.denoiser, config.lora.rank, config.lora.alpha, config.lora.target_modules)
+        self.trainable = trainable_from_config(config, self.model)  # train.finetune: a LoRA or the whole denoiser
+        self.params = self.trainable.params
         self.optimizer = self.accelerator.prepare(make_optimizer(config.train, self.params))
         total_updates = config.num_epochs * batches.updates_per_epoch
         self.lr_scheduler = make_lr_scheduler(config.train, self.optimizer, total_updates)
@@ -175,7 +177,7 @@ class Trainer:
                 if out.loss.requires_grad:
                     self.accelerator.backward(out.loss / accumulation)
             scored.append(out)
-        # 3. Average the LoRA gradients over processes and clip them.
+        # 3. Average the gradients over processes and clip them.
         self.synchronize_gradients()
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
         # 4. Step, unless a loss, the gradient or the stepped weights are non-finite (then nothing changes).
@@ -310,11 +312,11 @@ class Trainer:
         return before, after
 
     def finish(self, before: EvalResult, after: EvalResult) -> None:
-        """Fingerprints of every process's LoRA, the final LoRA and the before/after grid."""
-        self.log({"update": self.update, "lora_sha256_per_process": gather_object([lora_digest(self.params)])})
+        """Fingerprints of every process's weights, the final weights and the before/after grid."""
+        self.log({"update": self.update, "weights_sha256_per_process": gather_object([weights_digest(self.params)])})
         if self.accelerator.is_main_process:
-            with self.averaged():  # the final LoRA is the average when train.ema_decay is on
-                save_lora(self.model, self.run_dir / "lora")
+            with self.averaged():  # the final weights are the average when train.ema_decay is on
+                self.trainable.export(self.run_dir)
             save_before_after(before, after, self.run_dir / "before_after.png")
         self.accelerator.end_training()
 
@@ -343,7 +345,7 @@ class Trainer:
         return result
 
     def averaged(self):
-        """The EMA weights in place inside the block when train.ema_decay is on (evaluation, the final LoRA)."""
+        """The EMA weights in place inside the block when train.ema_decay is on (evaluation, the final weights)."""
         return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def eval_due(self) -> bool:
@@ -401,17 +403,15 @@ class Trainer:
         save_freq = self.config.save_freq
         return save_freq > 0 and (self.epoch % save_freq == 0 or self.epoch == self.config.num_epochs)
 
-    def trainable_names(self) -> list[str]:
-        return [name for name, param in self.denoiser.named_parameters() if param.requires_grad]
-
     def save_checkpoint(self) -> None:
-        """checkpoints/checkpoint_<epoch>: LoRA + optimizer, scaler, counters and every process's RNG streams.
-        An interrupt mid-epoch saves checkpoint_<epoch>_update_<update> (its update count says where to go on)."""
+        """checkpoints/checkpoint_<epoch>: the trained weights + optimizer, scaler, counters and every process's RNG
+        streams. An interrupt mid-epoch saves checkpoint_<epoch>_update_<update> (its update count says where to go
+        on)."""
         accelerator = self.accelerator
         # Checked on every process (they hold the same values), so all of them stop together.
         if not (all_finite(self.params) and all_finite(optimizer_tensors(self.optimizer.state_dict()))):
             raise UserError(
-                f"refusing to save a checkpoint with non-finite values at update {self.update}: the LoRA or the "
+                f"refusing to save a checkpoint with non-finite values at update {self.update}: the weights or the "
                 "optimizer state holds NaN/Inf; lower train.learning_rate and resume from the last checkpoint"
             )
         random_states = gather_object([{"streams": self.random.state_dict(), "global": global_state()}])
@@ -419,7 +419,7 @@ class Trainer:
             state = checkpoint.build_training_state(
                 self.epoch,
                 self.update,
-                self.trainable_names(),
+                self.trainable.names(),
                 self.optimizer,
                 accelerator.scaler,
                 random_states,
@@ -429,19 +429,25 @@ class Trainer:
             )
 
             def write(directory: Path) -> None:
-                save_lora(self.model, directory)
+                self.trainable.save(directory)
                 if self.average is not None:  # what evaluating this checkpoint scores
                     with self.averaged():
-                        save_lora(self.model, directory / checkpoint.AVERAGE_DIR)
+                        self.trainable.save(directory / checkpoint.AVERAGE_DIR)
                 checkpoint.write_training_state(directory, state)
 
             root = self.run_dir / checkpoint.CHECKPOINTS_DIR
-            info = {"update": self.update, "num_processes": accelerator.num_processes}
+            info = {"update": self.update, "num_processes": accelerator.num_processes, **self.checkpoint_kind()}
             mid_epoch = self.update != self.epoch * self.batches.updates_per_epoch  # saved by an interrupt
             checkpoint.save(root, self.epoch, info, write, mid_epoch=mid_epoch)
             checkpoint.rotate(root, self.config.num_checkpoint_limit)
         self.saved_update = self.update
         accelerator.wait_for_everyone()
+
+    def checkpoint_kind(self) -> dict:
+        """What checkpoint.json says the checkpoint holds (`Checkpoint.finetune`, `Checkpoint.denoiser_name`)."""
+        if self.trainable.mode == "full":
+            return {"finetune": "full", "denoiser": self.model.denoiser_name}
+        return {"finetune": "lora"}
 
     def start_from_original(self, directory: Path) -> None:
         """An original AlignProp checkpoint: its LoRA, and a new optimizer (its accelerate state is not read)."""
@@ -457,10 +463,8 @@ class Trainer:
 
     def restore(self, saved: checkpoint.Checkpoint) -> None:
         """Continue exactly where `saved` stopped: weights, optimizer, scaler, RNG streams and counters."""
-        weights = read_lora(saved.lora_path)
-        check_matches_config(weights, self.config.lora)
-        copy_into_adapter(self.denoiser, weights)
-        state = checkpoint.read_training_state(saved, self.trainable_names())
+        self.trainable.restore(saved.path)
+        state = checkpoint.read_training_state(saved, self.trainable.names())
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -283,6 +283,10 @@ def general():
     # Exponential moving average of the trainable weights, updated after every optimizer step; evaluation and the final
     # LoRA use it, checkpoints keep both (alignprop/ema.py). 0: off; FlowBP and SRPO use 0.995.
     train.ema_decay = 0.0
+    # What trains: "lora" (the paper's: a LoRA adapter on the denoiser, `lora.*`) or "full" (every denoiser weight, fp32
+    # master weights, as FlowBP and SRPO train FLUX.1 / SD3.5); text encoders, VAE and rewards stay frozen
+    # (alignprop/trainable.py). The final weights: RUN/lora/, or RUN/unet/ | RUN/transformer/ (save_pretrained layout).
+    train.finetune = "lora"
     train.lr_scheduler = "constant"
     train.lr_warmup_steps = 0
     # Batch math: samples per epoch and per optimizer update are totals over all processes;

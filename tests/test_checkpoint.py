@@ -101,14 +101,14 @@ def test_resolve_refuses_paths_without_a_complete_checkpoint(tmp_path, layout):
         checkpoint.resolve(str(tmp_path / "run"))
 
 
-def test_resolve_lora_accepts_lora_directories_and_files(tmp_path):
+def test_resolve_weights_accepts_lora_directories_and_files(tmp_path):
     lora_dir = tmp_path / "lora"
     lora_dir.mkdir()
     (lora_dir / LORA_FILE_NAME).write_bytes(b"x")
-    assert checkpoint.resolve_lora(str(lora_dir)) == lora_dir / LORA_FILE_NAME
-    assert checkpoint.resolve_lora(str(lora_dir / LORA_FILE_NAME)) == lora_dir / LORA_FILE_NAME
+    assert checkpoint.resolve_weights(str(lora_dir)) == lora_dir / LORA_FILE_NAME
+    assert checkpoint.resolve_weights(str(lora_dir / LORA_FILE_NAME)) == lora_dir / LORA_FILE_NAME
     complete = save(tmp_path / "run" / "checkpoints", 1)
-    assert checkpoint.resolve_lora(str(tmp_path / "run")) == complete / LORA_FILE_NAME
+    assert checkpoint.resolve_weights(str(tmp_path / "run")) == complete / LORA_FILE_NAME
 
 
 def test_random_states_round_trip_through_a_weights_only_file(tmp_path):

@@ -36,7 +36,7 @@ def test_two_process_tiny_run_writes_one_set_of_outputs_and_ranks_agree(tmp_path
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "grad_norm" in r]
     assert [r["update"] for r in updates] == [1, 2, 3, 4], "each update logged once, by the main process"
-    digests = records[-1]["lora_sha256_per_process"]
+    digests = records[-1]["weights_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1], "both ranks must hold bit-identical LoRA weights"
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").exists()
     assert (run_dir / "checkpoints").is_dir()
@@ -63,7 +63,7 @@ def test_two_process_run_of_another_family_keeps_the_ranks_in_step(tmp_path, mod
     )
     records = [json.loads(line) for line in (tmp_path / "family" / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records if "grad_norm" in r] == [1, 2]
-    digests = records[-1]["lora_sha256_per_process"]
+    digests = records[-1]["weights_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1]
 
 
@@ -73,6 +73,7 @@ def test_two_process_run_of_another_family_keeps_the_ranks_in_step(tmp_path, mod
         ("drtune", ["--config.gradient_paths.drtune.train_steps=2"]),  # sparse steps, detached denoiser inputs
         ("leapalign", []),  # a per-sample weight, two trained steps
         ("direct_align", []),  # two branches, the reward the other way round on one
+        ("truncation", ["--config.train.finetune=full"]),  # every UNet weight trained, averaged by hand
     ],
 )
 def test_two_process_run_of_another_gradient_path_keeps_the_ranks_in_step(tmp_path, path, knobs):
@@ -92,8 +93,9 @@ def test_two_process_run_of_another_gradient_path_keeps_the_ranks_in_step(tmp_pa
     records = [json.loads(line) for line in (tmp_path / path / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "grad_norm" in r]
     assert [r["update"] for r in updates] == [1, 2] and all(r["grad_norm"] > 0 for r in updates)
-    digests = records[-1]["lora_sha256_per_process"]
+    digests = records[-1]["weights_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1]
+    assert (tmp_path / path / ("unet" if knobs == ["--config.train.finetune=full"] else "lora")).is_dir()
 
 
 SPLITS = {  # processes, per-process capacity: all make updates of the same 4 pinned samples

@@ -143,11 +143,11 @@ def our_lora_dir(adapted, tmp_path_factory):
 
 def test_only_eval_and_soup_resolve_the_directory(preset, original_dir, our_lora_dir):
     assert is_original_checkpoint(original_dir) and not is_original_checkpoint(our_lora_dir)
-    assert checkpoint.resolve_lora(str(original_dir)) == original_dir / ORIGINAL_LORA_FILE_NAME
+    assert checkpoint.resolve_weights(str(original_dir)) == original_dir / ORIGINAL_LORA_FILE_NAME
 
     config = preset("evaluate")
     config.resume_from = str(original_dir)
-    assert jobs.evaluation_lora(config) == original_dir / ORIGINAL_LORA_FILE_NAME
+    assert jobs.evaluation_weights(config) == original_dir / ORIGINAL_LORA_FILE_NAME
 
     config = preset("evaluate_soup")
     config.resume_from, config.resume_from_2 = str(original_dir), str(our_lora_dir)

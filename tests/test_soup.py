@@ -12,7 +12,7 @@ import torch
 from checkpoint_runs import evaluated_run, read_metrics, run, straight_run, tiny_config
 
 from alignprop import jobs, soup
-from alignprop.checkpoint import resolve_lora
+from alignprop.checkpoint import resolve_weights
 from alignprop.errors import UserError
 from alignprop.families import family_of
 from alignprop.lora import add_lora, save_lora
@@ -182,7 +182,7 @@ def test_coefficient_lists(preset):
 
 
 def test_command_line_refuses_a_non_numeric_coefficient_in_one_line(tmp_path, loras):
-    lora = str(resolve_lora(str(loras["run_dir"])))
+    lora = str(resolve_weights(str(loras["run_dir"])))
     command = [
         sys.executable,
         "main.py",

@@ -51,7 +51,7 @@ def test_demo_writes_its_outputs(demo):
     evaluations = [r["update"] for r in records if r.get("eval")]
     assert config.vis_freq == 0 and evaluations == [0, updates]  # before and after training only
     assert len(records) == updates + len(evaluations) + 1  # + the final LoRA fingerprint
-    assert len(records[-1]["lora_sha256_per_process"]) == 1
+    assert len(records[-1]["weights_sha256_per_process"]) == 1
     update_record = records[1]
     for key in ("reward_mean", "reward_std", "loss", "grad_norm", "lr", "kept_steps", "seconds", "checker_shape_mean"):
         assert key in update_record, key
