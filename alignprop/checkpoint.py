@@ -241,8 +241,9 @@ def resume_hint(run_dir: Path, resumed_from: str) -> str:
     return f"resume_from={resumed_from}" if resumed_from else "start it again"
 
 
-def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int, updates_per_epoch: int) -> None:
-    """Refuse (before anything is written) what cannot resume exactly."""
+def check_resumable(checkpoint: Checkpoint, num_epochs: int, updates_per_epoch: int) -> None:
+    """Refuse (before anything is written) what cannot resume. Another process count resumes (weights, optimizer
+    state and counters are whole in a checkpoint; the trainer says what is not exact then)."""
     update = checkpoint.info.get("update")
     mid_epoch = isinstance(update, int) and update != checkpoint.epoch * updates_per_epoch
     if mid_epoch and not 0 < update - checkpoint.epoch * updates_per_epoch < updates_per_epoch:
@@ -258,12 +259,6 @@ def check_resumable(checkpoint: Checkpoint, num_epochs: int, num_processes: int,
             f"{str(checkpoint.path)!r} already has {checkpoint.epoch} epochs and num_epochs={num_epochs}; "
             "raise num_epochs to train further"
         )
-    saved_processes = checkpoint.info.get("num_processes")
-    if saved_processes != num_processes:
-        raise UserError(
-            f"{str(checkpoint.path)!r} was written by {saved_processes} processes, this launch has {num_processes}; "
-            "an exact resume needs the same number (each process has its own random streams)"
-        )
 
 
 # --- the training state -----------------------------------------------------------------------------
@@ -273,7 +268,7 @@ def build_training_state(
     epoch: int,
     update: int,
     trainable: list[str],
-    optimizer,
+    optimizer_state: dict,
     scaler,
     random_states: list,
     nonfinite: list[int],
@@ -289,7 +284,7 @@ def build_training_state(
         "epoch": epoch,
         "update": update,
         "trainable": trainable,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scaler": None if scaler is None else scaler.state_dict(),
         "random": random_states,  # one entry per process, in process order: {"streams": ..., "global": ...}
         "nonfinite": nonfinite,

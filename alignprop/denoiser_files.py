@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
@@ -27,9 +28,17 @@ def is_denoiser_folder(path: Path) -> bool:
     return path.is_dir() and (path / CONFIG_NAME).is_file() and has_weights
 
 
-def save_denoiser(denoiser: torch.nn.Module, folder: Path) -> None:
-    """The denoiser's weights as they are (fp32 master weights while training) and its config."""
-    denoiser.save_pretrained(folder, safe_serialization=True)
+def save_denoiser(denoiser, folder: Path, class_name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The denoiser's config and weights as `save_pretrained` lays them out (shards above 10 GB, as it does).
+    `class_name`: the model class `from_pretrained` builds (a sharded denoiser's own class is FSDP's subclass);
+    `state`: its state dict (a sharded denoiser's, gathered), else its own (fp32 master weights while training)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads(denoiser.to_json_string())
+    config["_class_name"] = class_name
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
+    weights = denoiser.state_dict() if state is None else state
+    save_torch_state_dict(weights, folder, filename_pattern=pattern, max_shard_size="10GB")
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -36,12 +36,17 @@ class WeightAverage:
         finally:
             self.average.restore(self.params)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, gather=None) -> dict:
+        """For a checkpoint; `gather(tensor)`: each averaged tensor whole (sharding.gathered), else as it is."""
         state = self.average.state_dict()
-        return {**state, "shadow_params": [tensor.detach().cpu().clone() for tensor in state["shadow_params"]]}
+        whole = [gather(tensor) if gather else tensor for tensor in state["shadow_params"]]
+        return {**state, "shadow_params": [tensor.detach().cpu().clone() for tensor in whole]}
 
-    def load_state_dict(self, state: dict) -> None:
-        """A checkpoint's average; the decay stays this run's (`train.ema_decay`)."""
+    def load_state_dict(self, state: dict, place=None) -> None:
+        """A checkpoint's average; the decay stays this run's (`train.ema_decay`). `place(tensor, param)`: each
+        averaged tensor cut like its parameter (sharding.split_like), else as it is."""
+        if place is not None:
+            state = {**state, "shadow_params": [place(t, p) for t, p in zip(state["shadow_params"], self.params)]}
         self.average.load_state_dict(state)
         self.average.decay = self.average.min_decay = self.decay
         self.average.to(self.params[0].device)

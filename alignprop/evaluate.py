@@ -138,7 +138,9 @@ def saved_image_count(config) -> int | None:
 
 class Evaluator:
     """Evaluates whatever LoRA the model's denoiser holds; each process does a share, all get the result.
-    The main process shows a progress bar (images of its share) labelled `label`."""
+    The main process shows a progress bar (images of its share) labelled `label`. `lockstep`: every process samples
+    the same number of images (a shorter share repeats its last prompt, dropped after), so all make the same
+    denoiser calls (sharding=fsdp: each call all-gathers the sharded weights together)."""
 
     def __init__(
         self,
@@ -149,19 +151,25 @@ class Evaluator:
         options,
         batch_size: int,
         extra_rewards: dict[str, Reward] | None = None,  # held-out rewards (eval_reward_fns)
+        lockstep: bool = False,
     ):
         self.accelerator, self.model, self.reward = accelerator, model, reward
         self.prompts, self.options, self.batch_size = prompts, options, batch_size
         self.label = "evaluate"
         self.extra_rewards = extra_rewards or {}
+        self.lockstep = lockstep
 
     def __call__(self, seed: int) -> EvalResult:
         rank, count = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(len(self.prompts)))[rank::count]
+        share = indices
+        if self.lockstep:
+            longest = -(-len(self.prompts) // count)
+            share = indices + [indices[-1] if indices else 0] * (longest - len(indices))
         mine = None
-        if indices:
+        if share:
             quiet = not self.accelerator.is_main_process
-            with tqdm(total=len(indices), desc=self.label, unit="image", leave=False, disable=quiet) as bar:
+            with tqdm(total=len(share), desc=self.label, unit="image", leave=False, disable=quiet) as bar:
                 mine = generate_and_score(
                     self.model,
                     self.reward,
@@ -169,19 +177,19 @@ class Evaluator:
                     self.options,
                     self.batch_size,
                     seed,
-                    indices,
+                    share,
                     bar.update,
                     self.extra_rewards,
-                )
+                ).head(len(indices))
         return EvalResult.merge(gather_object([(indices, mine)]))
 
 
-def evaluator_for(session: Session, config, batch_size: int) -> Evaluator:
+def evaluator_for(session: Session, config, batch_size: int, lockstep: bool = False) -> Evaluator:
     """The evaluation of `config` (its eval prompts and sampling options) on a session's model and reward."""
     options = sampling_options_from_config(config)
     prompts = evaluation_prompts(config)
     return Evaluator(
-        session.accelerator, session.model, session.reward, prompts, options, batch_size, session.eval_rewards
+        session.accelerator, session.model, session.reward, prompts, options, batch_size, session.eval_rewards, lockstep
     )
 
 

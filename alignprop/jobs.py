@@ -61,7 +61,7 @@ def prepare_training(config, batches: BatchPlan) -> Job:
         check_matches_config(read_lora(Path(config.resume_from)), config.lora)  # its LoRA only: no usable state
     elif config.resume_from:
         saved = checkpoint.resolve(config.resume_from)
-        checkpoint.check_resumable(saved, config.num_epochs, batches.num_processes, batches.updates_per_epoch)
+        checkpoint.check_resumable(saved, config.num_epochs, batches.updates_per_epoch)
         check_saved(saved.path, saved.finetune, config, saved.denoiser_name)
         checkpoint.read_training_state(saved)  # readable, complete, finite: before the run directory is made
         config.resume_from = str(saved.path)  # the exact checkpoint, as config.json will record it

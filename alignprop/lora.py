@@ -33,13 +33,14 @@ def add_lora(denoiser, rank: int, alpha: float, target_modules) -> list[torch.nn
     return [p for p in denoiser.parameters() if p.requires_grad]
 
 
-def lora_state_dict(denoiser) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in diffusers' LoRA format (what `save_lora_weights` writes)."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+def lora_state_dict(denoiser, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors in diffusers' LoRA format (what `save_lora_weights` writes); `state`: the denoiser's
+    state dict to take them from (a sharded denoiser's, gathered), else its own."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=state))
 
 
-def save_lora(model, directory: Path) -> None:
+def save_lora(model, directory: Path, state: dict | None = None) -> None:
     """Write `pytorch_lora_weights.safetensors` in the model family's layout, with the adapter metadata
-    (so a reload is exact). `model`: an `alignprop.families.Family`."""
+    (so a reload is exact). `model`: an `alignprop.families.Family`; `state` as for `lora_state_dict`."""
     denoiser = model.denoiser
-    model.save_lora(directory, lora_state_dict(denoiser), denoiser.peft_config["default"].to_dict())
+    model.save_lora(directory, lora_state_dict(denoiser, state), denoiser.peft_config["default"].to_dict())

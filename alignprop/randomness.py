@@ -17,19 +17,22 @@ import torch
 
 @dataclass
 class RandomStreams:
-    """Every random draw of training comes from these, seeded from (seed, process index)."""
+    """Every random draw of training comes from these, seeded from (seed, process index); `shared_plans`: the
+    gradient paths' plans from one stream alike on every process (sharding=fsdp: every process must make the same
+    denoiser calls)."""
 
     prompts: random.Random
     latents: torch.Generator
     plans: torch.Generator
 
     @classmethod
-    def seeded(cls, seed: int, process_index: int) -> RandomStreams:
+    def seeded(cls, seed: int, process_index: int, shared_plans: bool = False) -> RandomStreams:
         base = seed * 1_000_003 + process_index * 7_919
+        plans_base = seed * 1_000_003 if shared_plans else base
         return cls(
             prompts=random.Random(base),
             latents=torch.Generator().manual_seed(base + 1),
-            plans=torch.Generator().manual_seed(base + 2),
+            plans=torch.Generator().manual_seed(plans_base + 2),
         )
 
     def state_dict(self) -> dict:

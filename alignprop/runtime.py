@@ -46,6 +46,24 @@ def check_finetune(config) -> None:
         )
 
 
+def check_sharding(config) -> None:
+    """Settings that sharding="fsdp" cannot honour, each refused with its reason."""
+    if config.sharding != "fsdp":
+        return
+    if config.compile_denoiser != "off":
+        raise UserError(
+            "sharding=fsdp with compile_denoiser: torch.compile of the FSDP-sharded denoiser is not supported here; "
+            "set compile_denoiser=off"
+        )
+    if config.mixed_precision == "fp16":
+        raise UserError(
+            "sharding=fsdp runs with mixed_precision=bf16 or no: fp16's gradient scaler is not supported on sharded "
+            "gradients here"
+        )
+    if config.train.use_8bit_adam:
+        raise UserError("sharding=fsdp with train.use_8bit_adam: bitsandbytes' AdamW8bit does not take sharded tensors")
+
+
 def validate(config, num_processes: int) -> BatchPlan:
     """Check the whole config (raising UserError) and fill in derived fields; returns the batch plan."""
     schema.check(config)
@@ -69,6 +87,7 @@ def validate(config, num_processes: int) -> BatchPlan:
     prefix.check(config)
     check_cadence(config)
     check_finetune(config)
+    check_sharding(config)
     batches = plan_batches(config.train, num_processes)
     fill_derived_fields(config.train, batches)
     return batches

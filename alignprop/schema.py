@@ -313,6 +313,7 @@ def _lr_schedulers():
 EVAL_PROMPT_MODES = ("all", "original")
 TRACKERS = ("none", "wandb", "tensorboard")  # runtime.validate then checks that the package is installed
 FINETUNE_MODES = ("lora", "full")  # trainable.py: a LoRA adapter | every denoiser weight
+SHARDING_MODES = ("none", "fsdp")  # sharding.py: every process holds the denoiser | FSDP2 shards it
 SOUP_MODES = ("params", "delta")  # soup.py: mix every LoRA tensor | the two adapters side by side
 # torch.compile modes of `compile_denoiser` ("default" is torch.compile's mode=None); "off" does not compile.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -461,6 +462,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "original_training_noise": Flag(),
     "offload_text_encoders": Flag(),
     "block_checkpoint": Flag(),
+    "sharding": Text(choices=lambda: SHARDING_MODES),
     "vae_tiling": Flag(),
     "vae_slicing": Flag(),
     # model

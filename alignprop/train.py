@@ -54,6 +54,15 @@ from alignprop.rewards.shaping import shaper_from_config
 from alignprop.rundir import MetricsLog
 from alignprop.sampling import decode, initial_latents, sampling_options_from_config
 from alignprop.session import Session, build_session, start_trackers
+from alignprop.sharding import (
+    gathered,
+    gathered_optimizer_state,
+    gathered_state,
+    local,
+    shard_denoiser,
+    split_like,
+    split_optimizer_state,
+)
 from alignprop.trainable import trainable_from_config
 
 
@@ -140,6 +149,11 @@ class Trainer:
         self.denoiser = self.model.denoiser
         set_seed(config.seed)  # peft's LoRA init draws from the global generators: the same on every process
         self.trainable = trainable_from_config(config, self.model)  # train.finetune: a LoRA or the whole denoiser
+        resumed = self.load_resumed_weights()  # into the plain modules, before sharding
+        # One process has nothing to shard over (and no process group): it trains as sharding="none".
+        self.sharded = config.get("sharding", "none") == "fsdp" and self.accelerator.num_processes > 1
+        if self.sharded:
+            shard_denoiser(self.denoiser, session.dtype, self.accelerator.device)
         self.params = self.trainable.params
         self.optimizer = self.accelerator.prepare(make_optimizer(config.train, self.params))
         total_updates = config.num_epochs * batches.updates_per_epoch
@@ -149,18 +163,18 @@ class Trainer:
         self.path = paths.from_config(config, self.model.name)
         self.shape_loss = shaper_from_config(config)  # the reward's loss, or ReFL/SRPO's threshold form
         self.prompts = load_prompts(config.prompt_fn)
-        self.evaluator = evaluator_for(session, config, batches.batch_size)
-        self.random = RandomStreams.seeded(config.seed, self.accelerator.process_index)
+        self.evaluator = evaluator_for(session, config, batches.batch_size, lockstep=self.sharded)
+        self.random = RandomStreams.seeded(config.seed, self.accelerator.process_index, shared_plans=self.sharded)
         self.guard = NonFiniteGuard(self.accelerator, config.max_nonfinite_in_a_row)
         self.interrupt = InterruptFlag()
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.epoch = 0  # completed epochs
         self.update = 0  # completed optimizer updates (a skipped non-finite update counts: its samples were drawn)
         self.saved_update = None  # the update of the last checkpoint this run wrote
-        if config.resume_from and is_original_checkpoint(Path(config.resume_from)):
-            self.start_from_original(Path(config.resume_from))
-        elif config.resume_from:
-            self.restore(checkpoint.resolve(config.resume_from))
+        if isinstance(resumed, checkpoint.Checkpoint):
+            self.restore(resumed)
+        elif resumed is not None:
+            self.note_original_start(resumed)
         start_trackers(session, config, run_dir)
 
     # --- one optimizer update -----------------------------------------------------------------------
@@ -179,10 +193,10 @@ class Trainer:
             scored.append(out)
         # 3. Average the gradients over processes and clip them.
         self.synchronize_gradients()
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm)
+        grad_norm = gathered(self.accelerator.clip_grad_norm_(self.params, self.config.train.max_grad_norm))
         # 4. Step, unless a loss, the gradient or the stepped weights are non-finite (then nothing changes).
         losses = torch.stack([out.loss.detach() for out in scored])
-        stepped = self.guard.step(self.optimizer, self.params, losses, grad_norm)
+        stepped = self.guard.step(self.optimizer, [local(p) for p in self.params], losses, grad_norm)
         if stepped and self.average is not None:
             self.average.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,7 +262,8 @@ class Trainer:
         return Scored(loss, results[first], batch.plan, tuple(batch.prompts), first_images, rewards)
 
     def synchronize_gradients(self) -> None:
-        average_gradients(self.params, self.accelerator)
+        if not self.sharded:  # FSDP reduce-scattered them during the backward
+            average_gradients(self.params, self.accelerator)
 
     def update_record(self, scored: list[Scored], grad_norm, stepped: bool, seconds: float) -> dict:
         """What metrics.jsonl and the trackers get for one update (rewards gathered over processes)."""
@@ -313,10 +328,13 @@ class Trainer:
 
     def finish(self, before: EvalResult, after: EvalResult) -> None:
         """Fingerprints of every process's weights, the final weights and the before/after grid."""
-        self.log({"update": self.update, "weights_sha256_per_process": gather_object([weights_digest(self.params)])})
+        digest = weights_digest([gathered(param) for param in self.params])
+        self.log({"update": self.update, "weights_sha256_per_process": gather_object([digest])})
+        with self.averaged():  # the final weights are the average when train.ema_decay is on
+            weights = self.gathered_weights()
+            if self.accelerator.is_main_process:
+                self.trainable.export(self.run_dir, weights)
         if self.accelerator.is_main_process:
-            with self.averaged():  # the final weights are the average when train.ema_decay is on
-                self.trainable.export(self.run_dir)
             save_before_after(before, after, self.run_dir / "before_after.png")
         self.accelerator.end_training()
 
@@ -403,36 +421,51 @@ class Trainer:
         save_freq = self.config.save_freq
         return save_freq > 0 and (self.epoch % save_freq == 0 or self.epoch == self.config.num_epochs)
 
+    def gathered_weights(self) -> dict | None:
+        """Sharded: the denoiser's state dict (LoRA: its trained tensors) gathered on the main process (every process
+        calls it). Unsharded: None, the trainable writes its own tensors."""
+        if not self.sharded:
+            return None
+        return gathered_state(self.denoiser, trainable_only=self.trainable.mode == "lora")
+
     def save_checkpoint(self) -> None:
         """checkpoints/checkpoint_<epoch>: the trained weights + optimizer, scaler, counters and every process's RNG
         streams. An interrupt mid-epoch saves checkpoint_<epoch>_update_<update> (its update count says where to go
         on)."""
         accelerator = self.accelerator
-        # Checked on every process (they hold the same values), so all of them stop together.
-        if not (all_finite(self.params) and all_finite(optimizer_tensors(self.optimizer.state_dict()))):
+        # Checked on every process (each on its shard under fsdp) and agreed, so all of them stop together.
+        mine = [local(p) for p in self.params] + [local(t) for t in optimizer_tensors(self.optimizer.state_dict())]
+        if not self.guard.agreed(all_finite(mine)):
             raise UserError(
                 f"refusing to save a checkpoint with non-finite values at update {self.update}: the weights or the "
                 "optimizer state holds NaN/Inf; lower train.learning_rate and resume from the last checkpoint"
             )
         random_states = gather_object([{"streams": self.random.state_dict(), "global": global_state()}])
+        # Sharded tensors are gathered whole by every process together; the main process writes them.
+        weights, optimizer_state = self.gathered_weights(), gathered_optimizer_state(self.optimizer.state_dict())
+        average_state = average_weights = None
+        if self.average is not None:
+            average_state = self.average.state_dict(gather=gathered)
+            with self.averaged():  # what evaluating this checkpoint scores
+                average_weights = self.gathered_weights()
         if accelerator.is_main_process:
             state = checkpoint.build_training_state(
                 self.epoch,
                 self.update,
                 self.trainable.names(),
-                self.optimizer,
+                optimizer_state,
                 accelerator.scaler,
                 random_states,
                 self.guard.state_dict(),
                 self.lr_scheduler,
-                None if self.average is None else self.average.state_dict(),
+                average_state,
             )
 
             def write(directory: Path) -> None:
-                self.trainable.save(directory)
-                if self.average is not None:  # what evaluating this checkpoint scores
+                self.trainable.save(directory, weights)
+                if self.average is not None:
                     with self.averaged():
-                        self.trainable.save(directory / checkpoint.AVERAGE_DIR)
+                        self.trainable.save(directory / checkpoint.AVERAGE_DIR, average_weights)
                 checkpoint.write_training_state(directory, state)
 
             root = self.run_dir / checkpoint.CHECKPOINTS_DIR
@@ -449,10 +482,21 @@ class Trainer:
             return {"finetune": "full", "denoiser": self.model.denoiser_name}
         return {"finetune": "lora"}
 
-    def start_from_original(self, directory: Path) -> None:
+    def load_resumed_weights(self) -> checkpoint.Checkpoint | Path | None:
+        """The weights `resume_from` names, copied into the denoiser (its plain modules: before any sharding);
+        returns the checkpoint (or an original AlignProp checkpoint's directory) whose state `restore` reads."""
+        source = self.config.resume_from
+        if not source:
+            return None
+        if is_original_checkpoint(Path(source)):
+            copy_into_adapter(self.denoiser, read_lora(Path(source)))
+            return Path(source)
+        saved = checkpoint.resolve(source)
+        self.trainable.restore(saved.path)
+        return saved
+
+    def note_original_start(self, directory: Path) -> None:
         """An original AlignProp checkpoint: its LoRA, and a new optimizer (its accelerate state is not read)."""
-        copy_into_adapter(self.denoiser, read_lora(directory))
-        self.average = average_from_config(self.config.train, self.params)  # averaged from the checkpoint's LoRA
         if self.accelerator.is_main_process:
             print(
                 f"resume_from: {directory} is an original AlignProp checkpoint; training starts from its LoRA with "
@@ -462,21 +506,44 @@ class Trainer:
         self.log({"update": 0, "initialized_from_original": str(directory)})
 
     def restore(self, saved: checkpoint.Checkpoint) -> None:
-        """Continue exactly where `saved` stopped: weights, optimizer, scaler, RNG streams and counters."""
-        self.trainable.restore(saved.path)
+        """Continue exactly where `saved` stopped (its weights already loaded): optimizer, scaler, RNG streams,
+        counters and the moving average."""
         state = checkpoint.read_training_state(saved, self.trainable.names())
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(split_optimizer_state(state["optimizer"], self.params))
         if state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        mine = state["random"][self.accelerator.process_index]
-        self.random.load_state_dict(mine["streams"])
-        set_global_state(mine["global"])
         self.epoch, self.update = state["epoch"], state["update"]
+        self.restore_streams(state["random"], saved.path)
         self.guard.load_state_dict(state.get("nonfinite", [0, 0]))
         self.restore_average(state.get("ema"), saved.path)
         self.log({"update": self.update, "resumed_from": str(saved.path), "completed_epochs": self.epoch})
+
+    def restore_streams(self, saved: list[dict], path: Path) -> None:
+        """Each process continues the random streams of the process of its index. A checkpoint of another process
+        count resumes too (the weights and optimizer state in it are whole): a process it had no streams for draws
+        from fresh ones (seeded from the seed and the update count; the plans' stream, shared under fsdp, from
+        process 0's), and the run says in one line that this part is not exact."""
+        index, count = self.accelerator.process_index, self.accelerator.num_processes
+        if index < len(saved):
+            self.random.load_state_dict(saved[index]["streams"])
+            set_global_state(saved[index]["global"])
+        else:
+            self.random = RandomStreams.seeded(self.config.seed + self.update, index, shared_plans=self.sharded)
+            if self.sharded:
+                self.random.plans.set_state(saved[0]["streams"]["plans"])
+        if count != len(saved) and self.accelerator.is_main_process:
+            saved_count = len(saved)
+            if count > saved_count:
+                streams = f"processes {saved_count}..{count - 1} draw from fresh random streams"
+            else:
+                streams = f"the random streams of processes {count}..{saved_count - 1} are dropped"
+            print(
+                f"resume_from: {path} was written by {saved_count} processes, this launch has {count}: weights, "
+                f"optimizer state, schedule and counters continue; {streams} (a resume on the same count is exact)",
+                flush=True,
+            )
 
     def restore_average(self, saved, path: Path) -> None:
         """The checkpoint's moving average; one without one (saved with train.ema_decay=0) starts it afresh from
@@ -484,7 +551,7 @@ class Trainer:
         if self.average is None:
             return
         if saved is not None:
-            self.average.load_state_dict(saved)
+            self.average.load_state_dict(saved, place=split_like)
             return
         self.average = average_from_config(self.config.train, self.params)
         if self.accelerator.is_main_process:

@@ -31,11 +31,16 @@ class Trainable(ABC):
 
     def __init__(self, model):
         self.model = model
-        self.params: list[torch.nn.Parameter] = []
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The trained parameters, in the denoiser's order (after sharding: its sharded parameters)."""
+        return [param for param in self.model.denoiser.parameters() if param.requires_grad]
 
     @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Write the weights into a checkpoint directory (or its `ema/`)."""
+    def save(self, directory: Path, state: dict | None = None) -> None:
+        """Write the weights into a checkpoint directory (or its `ema/`); `state`: the denoiser's state dict
+        gathered from its shards (`sharding.gathered_state`), else the denoiser's own tensors."""
 
     @abstractmethod
     def restore(self, directory: Path) -> None:
@@ -46,8 +51,8 @@ class Trainable(ABC):
         """Where the run's final weights go."""
 
     @abstractmethod
-    def export(self, run_dir: Path) -> None:
-        """Write the final weights into `final_dir(run_dir)`."""
+    def export(self, run_dir: Path, state: dict | None = None) -> None:
+        """Write the final weights into `final_dir(run_dir)` (`state` as for `save`)."""
 
     def names(self) -> list[str]:
         """The trainable parameters' names, in the optimizer's order (a checkpoint must match them)."""
@@ -60,10 +65,10 @@ class LoraAdapter(Trainable):
     def __init__(self, model, lora_config):
         super().__init__(model)
         self.lora_config = lora_config
-        self.params = add_lora(model.denoiser, lora_config.rank, lora_config.alpha, lora_config.target_modules)
+        add_lora(model.denoiser, lora_config.rank, lora_config.alpha, lora_config.target_modules)
 
-    def save(self, directory: Path) -> None:
-        save_lora(self.model, directory)
+    def save(self, directory: Path, state: dict | None = None) -> None:
+        save_lora(self.model, directory, state)
 
     def restore(self, directory: Path) -> None:
         weights = read_lora(directory)
@@ -73,8 +78,8 @@ class LoraAdapter(Trainable):
     def final_dir(self, run_dir: Path) -> Path:
         return run_dir / LORA_DIR
 
-    def export(self, run_dir: Path) -> None:
-        save_lora(self.model, self.final_dir(run_dir))
+    def export(self, run_dir: Path, state: dict | None = None) -> None:
+        save_lora(self.model, self.final_dir(run_dir), state)
 
 
 class FullDenoiser(Trainable):
@@ -84,13 +89,13 @@ class FullDenoiser(Trainable):
         super().__init__(model)
         denoiser = model.denoiser.float()  # the fp32 master weights; autocast computes in the run's dtype
         denoiser.requires_grad_(True)
-        self.params = list(denoiser.parameters())
+        self.class_name = type(denoiser).__name__  # before sharding makes it an FSDP subclass
 
     def folder(self, directory: Path) -> Path:
         return directory / self.model.denoiser_name
 
-    def save(self, directory: Path) -> None:
-        save_denoiser(self.model.denoiser, self.folder(directory))
+    def save(self, directory: Path, state: dict | None = None) -> None:
+        save_denoiser(self.model.denoiser, self.folder(directory), self.class_name, state)
 
     def restore(self, directory: Path) -> None:
         load_denoiser_weights(self.model.denoiser, self.folder(directory))
@@ -98,8 +103,8 @@ class FullDenoiser(Trainable):
     def final_dir(self, run_dir: Path) -> Path:
         return self.folder(run_dir)
 
-    def export(self, run_dir: Path) -> None:
-        self.save(run_dir)
+    def export(self, run_dir: Path, state: dict | None = None) -> None:
+        self.save(run_dir, state)
 
 
 def trainable_from_config(config, model) -> Trainable:

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from alignprop.sharding import BLOCK_LISTS, SINGLE_BLOCKS, units
+
 REAL_ARCHITECTURES = ("sd15", "sdxl", "sd35", "flux")
 TINY_ARCHITECTURES = ("tiny", "tiny_sdxl", "tiny_sd3", "tiny_flux")
 FINETUNES = ("lora", "full")
@@ -66,9 +68,6 @@ LORA_PRESETS = {
     "flux": "hps_flux",
     "tiny_flux": "hps_flux",
 }
-# The denoiser's FSDP units: each element of these ModuleLists, and these single blocks; the rest is the root unit.
-BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
-SINGLE_BLOCKS = ("mid_block",)
 BF16, FP32 = 2, 4  # bytes per element
 COLUMNS = ("frozen", "weights", "gradients", "optimizer", "ema", "total")
 HEADERS = (
@@ -170,15 +169,11 @@ def lora_count(module: torch.nn.Module, rank: int, target_modules, prefix: str =
 
 
 def split_units(denoiser: torch.nn.Module, rank: int, targets) -> tuple[Unit, tuple[Unit, ...]]:
-    """The denoiser's blocks (the FSDP units) and the root: whatever parameters no block holds."""
-    blocks = []
-    for name, child in denoiser.named_children():
-        members = []
-        if name in BLOCK_LISTS and isinstance(child, torch.nn.ModuleList):
-            members = [(f"{name}.{index}", block) for index, block in enumerate(child)]
-        elif name in SINGLE_BLOCKS and child is not None:
-            members = [(name, child)]
-        blocks += [Unit(key, parameter_count(block), lora_count(block, rank, targets, key)) for key, block in members]
+    """The denoiser's blocks (the FSDP units `sharding=fsdp` makes: `alignprop.sharding.units`) and the root:
+    whatever parameters no block holds."""
+    blocks = [
+        Unit(key, parameter_count(block), lora_count(block, rank, targets, key)) for key, block in units(denoiser)
+    ]
     if not blocks:
         raise ValueError(f"{type(denoiser).__name__} has none of the blocks {BLOCK_LISTS + SINGLE_BLOCKS}")
     total, total_lora = parameter_count(denoiser), lora_count(denoiser, rank, targets)

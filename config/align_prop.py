@@ -15,6 +15,8 @@ PRESETS = (
     "hps_sdxl",
     "hps_sd35",
     "hps_flux",
+    "hps_sd35_full",
+    "hps_flux_full",
     "evaluate",
     "evaluate_soup",
     "tiny",
@@ -247,6 +249,9 @@ def general():
     # during the backward only one block's activations are recomputed and alive at a time, instead of the whole
     # call's (grad_checkpoint). For 8-12B transformers; pair it with grad_checkpoint=False to recompute once.
     config.block_checkpoint = False
+    # "fsdp": shard the trained denoiser over the processes with torch FSDP2, one unit per block (parameters,
+    # gradients, optimizer state 1/N each; alignprop/sharding.py). "none": every process holds all of it.
+    config.sharding = "none"
     config.vae_tiling = False
     config.vae_slicing = False
 
@@ -436,6 +441,44 @@ def hps_sd35():
 def hps_flux():
     """HPS v2.1 on FLUX.1-dev (1024 px, bf16, 25 steps, guidance 3.5 embedded, K=1, LoRA 32): not tuned."""
     return _flow(hps(), "black-forest-labs/FLUX.1-dev", steps=25, guidance=3.5)
+
+
+def _full_fine_tuning(config, guidance):
+    """FlowBP's setup for its SD3.5-M and FLUX.1-dev results: every transformer weight, FSDP over the GPUs, 512 px,
+    25 rollout steps, AdamW lr 1e-5 wd 1e-4, clip 1.0, EMA 0.995, HPS v2.1 with relu(0.55 - r), its Lagrange
+    estimator; per update 64 samples (8 GPUs x 8), 300 updates, a checkpoint every 100, an evaluation every 50
+    (`RuoyuWang-2077/FlowBP` @ 93b220a `configs/final/{sd35/sd3_5,flux1/flux1}_flowbp_lagrange.yaml`; README
+    "Scaling out" cites each value)."""
+    config.train.finetune = "full"
+    config.sharding = "fsdp"
+    config.native_dtype = False  # full fine-tuning: fp32 master weights under autocast
+    config.resolution = 512
+    config.steps = 25
+    config.truncated_backprop_minmax, config.trunc_backprop_timestep = (0, 25), 24  # unused by the path; kept valid
+    config.sd_guidance_scale = guidance
+    config.flow_sigmas = "flowbp"
+    config.gradient_path = "flowbp_lagrange"
+    config.reward_loss, config.reward_threshold = "threshold", 0.55
+    config.train.learning_rate = 1e-5
+    config.train.adam_weight_decay = 1e-4
+    config.train.max_grad_norm = 1.0
+    config.train.ema_decay = 0.995
+    config.train.total_batch_size = 64
+    config.train.total_samples_per_epoch = 64 * 100  # 100 updates per epoch
+    config.num_epochs = 3
+    config.save_freq = 1
+    config.vis_freq = 50
+    return config
+
+
+def hps_sd35_full():
+    """SD3.5 Medium, every transformer weight, FSDP, 512 px, FlowBP's settings (`_full_fine_tuning`); CFG 3.5."""
+    return _full_fine_tuning(hps_sd35(), guidance=3.5)
+
+
+def hps_flux_full():
+    """FLUX.1-dev, every transformer weight, FSDP, 512 px, FlowBP's settings (`_full_fine_tuning`); guidance 4."""
+    return _full_fine_tuning(hps_flux(), guidance=4.0)
 
 
 def evaluate():

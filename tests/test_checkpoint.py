@@ -145,8 +145,8 @@ def test_an_interrupt_checkpoint_sorts_between_epochs_and_needs_the_same_epoch_l
     assert mid.name == "checkpoint_1_update_3"
     assert [c.path.name for c in checkpoint.complete_checkpoints(root)] == ["checkpoint_1", "checkpoint_1_update_3"]
     assert checkpoint.resolve(str(root)).path == mid
-    checkpoint.check_resumable(checkpoint.resolve(str(mid)), num_epochs=3, num_processes=1, updates_per_epoch=2)
+    checkpoint.check_resumable(checkpoint.resolve(str(mid)), num_epochs=3, updates_per_epoch=2)
     with pytest.raises(UserError, match="saved mid-epoch .* another number of updates per epoch"):
-        checkpoint.check_resumable(checkpoint.resolve(str(mid)), num_epochs=3, num_processes=1, updates_per_epoch=1)
+        checkpoint.check_resumable(checkpoint.resolve(str(mid)), num_epochs=3, updates_per_epoch=1)
     save(root, 2)
     assert checkpoint.resolve(str(root)).path.name == "checkpoint_2"

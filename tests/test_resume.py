@@ -89,10 +89,3 @@ def test_resume_refusals_write_nothing(preset, tmp_path_factory, tmp_path, overr
     with pytest.raises(UserError, match=message):
         jobs.prepare(config, num_processes=1)
     assert not (tmp_path / "logs").exists()
-
-
-def test_resume_refuses_another_process_count(preset, tmp_path_factory):
-    config = tiny_config(preset, "unused", num_epochs=4, resume_from=str(straight_run(preset, tmp_path_factory)))
-    config.train.total_batch_size = 8  # divisible by 2 processes
-    with pytest.raises(UserError, match="written by 1 processes, this launch has 2"):
-        jobs.prepare(config, num_processes=2)
