@@ -51,7 +51,19 @@ def build_session(config) -> Session:
     pretrained = config.pretrained
     layout = pretrained.get("config", "")  # a single file's pipeline layout
     model = models.load_model(pretrained.model, pretrained.revision, dtype, pretrained.vae, single_file_config=layout)
-    model.pipeline.to(accelerator.device)
+    configure_model(model, config, accelerator.device)
+    reward = build_reward(config, accelerator.device, dtype)
+    eval_rewards = build_eval_rewards(config, accelerator.device, dtype)
+    for name, scorer in {config.reward_fn: reward, **eval_rewards}.items():
+        check_image_size(name, scorer, model.image_size)
+    return Session(accelerator, dtype, model, reward, eval_rewards)
+
+
+def configure_model(model: Family, config, device: torch.device) -> None:
+    """A loaded model on `device`, set up as the config asks: sampler checks, resolution, sigma grid, prompt length,
+    block checkpointing, VAE tiling / slicing, compilation, text-encoder offloading."""
+    pretrained = config.pretrained
+    model.pipeline.to(device)
     model.check_options(sampling_options_from_config(config))
     model.set_resolution(config.get("resolution"))  # before any prompt is encoded (SDXL / FLUX encode the size)
     model.set_sigma_grid(config.get("flow_sigmas", "pipeline"))
@@ -68,11 +80,6 @@ def build_session(config) -> Session:
         model.compile_denoiser(config.compile_denoiser)
     if config.offload_text_encoders:  # every prompt the run can meet, encoded once
         model.offload_text_encoders(load_prompts(config.prompt_fn) + load_prompts(config.eval_prompt_fn))
-    reward = build_reward(config, accelerator.device, dtype)
-    eval_rewards = build_eval_rewards(config, accelerator.device, dtype)
-    for name, scorer in {config.reward_fn: reward, **eval_rewards}.items():
-        check_image_size(name, scorer, model.image_size)
-    return Session(accelerator, dtype, model, reward, eval_rewards)
 
 
 def check_image_size(name: str, reward: Reward, size: tuple[int, int]) -> None:

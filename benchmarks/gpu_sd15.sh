@@ -6,26 +6,7 @@
 # transformers 5.24.0 (+ regex it needs), peft 0.21.2, ml_collections, open_clip_torch (+ ftfy, wcwidth:
 # alignprop.rewards imports it). See benchmarks/README.md for the download command. Runs are ordered by
 # priority; the JSON is rewritten after each run, so a cut-off call still returns what it measured.
-set -uo pipefail
-OUT=${OUT:-/tmp/bench-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-
-install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
-check='import torch, diffusers, transformers, peft, accelerate, ml_collections, open_clip
-from alignprop import models, sampling
-from benchmarks import bench_step
-print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__,
-      "peft", peft.__version__, "accelerate", accelerate.__version__, torch.cuda.get_device_name())'
-
-{
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  echo "cpus: $(nproc)"; python3 --version
-} > "$OUT/machine.txt" 2>&1
-install .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
-python3 -c "$check" >> "$OUT/machine.txt" 2>&1 || { cat "$OUT/machine.txt"; exit 1; }
-cat "$OUT/machine.txt"
+source benchmarks/gpu_setup.sh || exit 1
 
 # Budget (measured on an H100 in issue 7, per step: K=1 ours 3.4 s / reference 10 s; per_step_uniform
 # 8 s / 19 s): part A ~90 s, part C ~140 s, part D ~170 s (compilation included), part B ~60 s, plus ~15 s start-up

@@ -74,3 +74,24 @@ def test_benchmark_runs_the_optimization_variants(tiny_dir):
     rows = bench_step.main(argv)["results"]
     assert [r["variant"] for r in rows] == ["ours-native", "ours-channels-last", "ours-decode-ckpt"]
     assert all(r["finite_loss"] for r in rows)
+
+
+@pytest.mark.parametrize("case", ["tiny_sdxl_lora", "tiny_sd3_full", "tiny_flux_lora"])
+def test_whole_update_benchmark_runs_each_kind_of_case_on_the_cpu(case):
+    """bench_update drives the real Trainer: a full case trains every weight, a LoRA case only the adapter."""
+    from benchmarks import bench_update
+
+    result = bench_update.main(["--case", case, "--device", "cpu", "--warmup", "0", "--iters", "1"])
+    assert result["seconds_per_update"] > 0 and result["peak_gib"] > 0
+    assert result["finetune"] == ("full" if case.endswith("full") else "lora")
+    assert (result["trainable_parameters"] == result["denoiser_parameters"]) == case.endswith("full")
+
+
+def test_the_gpu_scale_script_names_existing_cases():
+    from benchmarks import bench_update
+
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_scale.sh").read_text()
+    named = re.findall(r"^case_run (\S+) (\d+)$", text, re.M)
+    assert [name for name, _ in named] == ["sd35_full_512", "flux_lora_512_k1", "sdxl_lora_1024_k1"]
+    assert all(name in bench_update.CASES for name, _ in named)
+    assert sum(int(limit) for _, limit in named) <= 480  # under 8 minutes of runs
