@@ -6,6 +6,8 @@
     pytorch_lora_weights.safetensors   the LoRA in diffusers format (loads with `load_lora_weights(dir)`)
     unet/ or transformer/              instead, with train.finetune="full": the whole denoiser (save_pretrained)
     ema/                               the moving average's weights, laid out the same (train.ema_decay)
+    sharded/                           with sharding=fsdp: AdamW's state and the moving average's tensors as each
+                                       process held them (torch.distributed.checkpoint; any process count reads them)
     training_state.pt                  optimizer, grad scaler, every RNG stream, counters: tensors and plain
                                        containers only, read back with torch.load(weights_only=True)
     checkpoint.json                    written last; a directory without it is never used
@@ -43,6 +45,7 @@ STATE_FILE = "training_state.pt"
 MARKER_FILE = "checkpoint.json"
 TEMP_PREFIX = ".tmp-"
 AVERAGE_DIR = "ema"  # a checkpoint's moving-average weights (train.ema_decay), beside its raw ones
+SHARDED_DIR = "sharded"  # sharding=fsdp: the optimizer's and the average's tensors, one file per process (DCP)
 FORMAT_VERSION = 1
 NAME_PATTERN = re.compile(r"checkpoint_(\d+)(?:_update_(\d+))?")
 
@@ -73,6 +76,11 @@ class Checkpoint:
     def denoiser_name(self) -> str | None:
         """The folder (`unet` / `transformer`) of a full fine-tuning checkpoint's denoiser."""
         return self.info.get("denoiser")
+
+    @property
+    def sharded_state(self) -> Path | None:
+        """The DCP directory of a sharding=fsdp checkpoint (its optimizer state and average), else None."""
+        return self.path / SHARDED_DIR if (self.path / SHARDED_DIR).is_dir() else None
 
     def weights_path(self, averaged: bool = False) -> Path:
         """Its LoRA file or denoiser folder (`averaged`: the moving average's, when it holds one)."""
@@ -181,13 +189,32 @@ def write_training_state(directory: Path, state: dict) -> None:
     (directory / STATE_FILE).write_bytes(buffer.getbuffer())
 
 
-def save(root: Path, epoch: int, info: dict, write_contents: Callable[[Path], None], mid_epoch: bool = False) -> Path:
+def final_path(root: Path, epoch: int, update: int, mid_epoch: bool = False) -> Path:
+    """checkpoint_<epoch>, or an interrupt's checkpoint_<epoch>_update_<update> (`mid_epoch`)."""
+    return root / checkpoint_name(epoch, update if mid_epoch else None)
+
+
+def staging_dir(final: Path) -> Path:
+    """A new hidden temporary directory beside `final` to write its contents into (never read as a checkpoint)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
+
+
+def save(
+    root: Path,
+    epoch: int,
+    info: dict,
+    write_contents: Callable[[Path], None],
+    mid_epoch: bool = False,
+    staging: Path | None = None,
+) -> Path:
     """Write checkpoint_<epoch> under `root` atomically: `write_contents(tmp_dir)` fills it, then we mark,
     fsync and rename. A crash at any point leaves either the previous state or the complete checkpoint.
-    `mid_epoch`: an interrupt's checkpoint, named checkpoint_<epoch>_update_<info["update"]>."""
-    final = root / checkpoint_name(epoch, info["update"] if mid_epoch else None)
+    `mid_epoch`: an interrupt's checkpoint, named checkpoint_<epoch>_update_<info["update"]>. `staging`: a
+    `staging_dir` other processes have already written into (sharding=fsdp), else a new one."""
+    final = final_path(root, epoch, info["update"], mid_epoch)
     try:
-        _write_atomically(final, {"format": FORMAT_VERSION, "epoch": epoch, **info}, write_contents)
+        _write_atomically(final, {"format": FORMAT_VERSION, "epoch": epoch, **info}, write_contents, staging)
     except Exception as error:
         problem = os_error_behind(error)  # a full disk, a read-only or unwritable directory
         if problem is None:
@@ -196,9 +223,8 @@ def save(root: Path, epoch: int, info: dict, write_contents: Callable[[Path], No
     return final
 
 
-def _write_atomically(final: Path, marker: dict, write_contents: Callable[[Path], None]) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
+def _write_atomically(final: Path, marker: dict, write_contents: Callable[[Path], None], staging=None) -> None:
+    staging = staging or staging_dir(final)
     try:
         write_contents(staging)
         pause_point("save")  # test hook: SIGKILL a save whose files are written but not marked
@@ -268,7 +294,7 @@ def build_training_state(
     epoch: int,
     update: int,
     trainable: list[str],
-    optimizer_state: dict,
+    optimizer_state: dict | None,
     scaler,
     random_states: list,
     nonfinite: list[int],
@@ -305,6 +331,8 @@ def read_training_state(saved: Checkpoint, trainable: list[str] | None = None) -
         )
     if trainable is not None and state["trainable"] != trainable:
         raise UserError(f"the trainable parameters of {str(saved.path)!r} differ from this model's")
+    if state["optimizer"] is None and saved.sharded_state is not None:
+        return state  # sharding=fsdp: AdamW's state is in sharded/ (checked finite when it was saved)
     if not isinstance(state["optimizer"], dict) or not isinstance(state["optimizer"].get("state"), dict):
         raise UserError(f"the training state of {str(saved.path)!r} holds no optimizer state")
     if not all_finite(optimizer_tensors(state["optimizer"])):

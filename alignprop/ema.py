@@ -36,11 +36,16 @@ class WeightAverage:
         finally:
             self.average.restore(self.params)
 
-    def state_dict(self, gather=None) -> dict:
-        """For a checkpoint; `gather(tensor)`: each averaged tensor whole (sharding.gathered), else as it is."""
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The averaged tensors, one per parameter (sharded like them under sharding=fsdp)."""
+        return self.average.shadow_params
+
+    def state_dict(self, tensors: bool = True) -> dict:
+        """For a checkpoint; without `tensors` (written sharded, `sharding.save_sharded`) only the counters."""
         state = self.average.state_dict()
-        whole = [gather(tensor) if gather else tensor for tensor in state["shadow_params"]]
-        return {**state, "shadow_params": [tensor.detach().cpu().clone() for tensor in whole]}
+        shadow = [tensor.detach().cpu().clone() for tensor in state["shadow_params"]] if tensors else None
+        return {**state, "shadow_params": shadow}
 
     def load_state_dict(self, state: dict, place=None) -> None:
         """A checkpoint's average; the decay stays this run's (`train.ema_decay`). `place(tensor, param)`: each

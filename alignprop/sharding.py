@@ -12,15 +12,25 @@ gradient paths' plans come from one stream shared by every process (FlowBP does 
 generator is seeded alike on every rank, `RuoyuWang-2077/FlowBP` @ 93b220a `flowbp/trainers/sd35/leapalign.py:848-852`,
 sharded with FSDP at 793-806), and an evaluation gives every process the same number of batches.
 
-Checkpoints stay in the unsharded format (`gathered_*` here collect the full tensors, every process taking part; the
-main process writes them), so a run resumes on any process count and with or without sharding; resuming puts the
-weights into the plain modules before they are sharded and splits the optimizer state like the weights (`split_*`).
+Checkpoints: the trained weights are gathered whole (`gathered_state`, every process taking part) and written by the
+main process in the same files as without sharding (what evaluation, soup and diffusers read); AdamW's state and the
+moving average stay sharded, each process writing its own shards with torch.distributed.checkpoint (`save_sharded`),
+which reads them back on any process count, sharded or not (`load_sharded`). Resuming puts the weights into the plain
+modules before they are sharded; an unsharded checkpoint's whole optimizer state is cut like the weights (`split_*`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -63,6 +73,8 @@ def gathered(tensor):
 
 def split_like(whole, reference: torch.Tensor):
     """`whole` cut as `reference` is sharded (each process keeps its slice; no communication), else `whole`."""
+    if isinstance(whole, DTensor):  # already cut (read from a sharded checkpoint)
+        return whole
     if isinstance(reference, DTensor) and torch.is_tensor(whole) and whole.shape == reference.shape:
         whole = whole.detach().to(reference.device)
         return distribute_tensor(whole, reference.device_mesh, reference.placements, src_data_rank=None)
@@ -76,14 +88,6 @@ def gathered_state(denoiser: torch.nn.Module, trainable_only: bool) -> dict[str,
     return get_model_state_dict(denoiser, options=options)
 
 
-def gathered_optimizer_state(state_dict: dict) -> dict:
-    """An optimizer state dict with every sharded tensor whole (a collective)."""
-    state = {
-        index: {key: gathered(value) for key, value in values.items()} for index, values in state_dict["state"].items()
-    }
-    return {"state": state, "param_groups": state_dict["param_groups"]}
-
-
 def split_optimizer_state(state_dict: dict, params: list[torch.Tensor]) -> dict:
     """A whole optimizer state dict (from a checkpoint) cut like `params` are sharded."""
     state = {
@@ -91,3 +95,25 @@ def split_optimizer_state(state_dict: dict, params: list[torch.Tensor]) -> dict:
         for index, values in state_dict["state"].items()
     }
     return {"state": state, "param_groups": state_dict["param_groups"]}
+
+
+def sharded_state(denoiser: torch.nn.Module, optimizer, average: dict[str, torch.Tensor] | None) -> dict:
+    """What `save_sharded` writes and `load_sharded` fills: AdamW's state by parameter name and the moving average's
+    tensors by name (`average`, or None without one), each as this process holds it."""
+    state = {"optimizer": get_optimizer_state_dict(denoiser, optimizer)}
+    if average is not None:
+        state["ema"] = average
+    return state
+
+
+def save_sharded(directory: Path, denoiser: torch.nn.Module, optimizer, average=None) -> None:
+    """Every process writes its shards of the optimizer state and average into `directory` (a collective)."""
+    dcp.save(sharded_state(denoiser, optimizer, average), checkpoint_id=directory)
+
+
+def load_sharded(directory: Path, denoiser: torch.nn.Module, optimizer, average=None) -> None:
+    """Read what `save_sharded` wrote, on any process count, sharded or not: into the optimizer, and in place into
+    the average's tensors."""
+    state = sharded_state(denoiser, optimizer, average)
+    dcp.load(state, checkpoint_id=directory)
+    set_optimizer_state_dict(denoiser, optimizer, optim_state_dict=state["optimizer"])

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from alignprop import checkpoint, paths
@@ -56,9 +56,10 @@ from alignprop.sampling import decode, initial_latents, sampling_options_from_co
 from alignprop.session import Session, build_session, start_trackers
 from alignprop.sharding import (
     gathered,
-    gathered_optimizer_state,
     gathered_state,
+    load_sharded,
     local,
+    save_sharded,
     shard_denoiser,
     split_like,
     split_optimizer_state,
@@ -441,11 +442,12 @@ class Trainer:
                 "optimizer state holds NaN/Inf; lower train.learning_rate and resume from the last checkpoint"
             )
         random_states = gather_object([{"streams": self.random.state_dict(), "global": global_state()}])
-        # Sharded tensors are gathered whole by every process together; the main process writes them.
-        weights, optimizer_state = self.gathered_weights(), gathered_optimizer_state(self.optimizer.state_dict())
-        average_state = average_weights = None
+        root = self.run_dir / checkpoint.CHECKPOINTS_DIR
+        mid_epoch = self.update != self.epoch * self.batches.updates_per_epoch  # saved by an interrupt
+        staging = self.write_shards(checkpoint.final_path(root, self.epoch, self.update, mid_epoch))
+        # Sharded weights are gathered whole by every process together; the main process writes them.
+        weights, average_weights = self.gathered_weights(), None
         if self.average is not None:
-            average_state = self.average.state_dict(gather=gathered)
             with self.averaged():  # what evaluating this checkpoint scores
                 average_weights = self.gathered_weights()
         if accelerator.is_main_process:
@@ -453,12 +455,12 @@ class Trainer:
                 self.epoch,
                 self.update,
                 self.trainable.names(),
-                optimizer_state,
+                None if self.sharded else self.optimizer.state_dict(),  # sharded: in sharded/
                 accelerator.scaler,
                 random_states,
                 self.guard.state_dict(),
                 self.lr_scheduler,
-                average_state,
+                None if self.average is None else self.average.state_dict(tensors=not self.sharded),
             )
 
             def write(directory: Path) -> None:
@@ -468,13 +470,27 @@ class Trainer:
                         self.trainable.save(directory / checkpoint.AVERAGE_DIR, average_weights)
                 checkpoint.write_training_state(directory, state)
 
-            root = self.run_dir / checkpoint.CHECKPOINTS_DIR
             info = {"update": self.update, "num_processes": accelerator.num_processes, **self.checkpoint_kind()}
-            mid_epoch = self.update != self.epoch * self.batches.updates_per_epoch  # saved by an interrupt
-            checkpoint.save(root, self.epoch, info, write, mid_epoch=mid_epoch)
+            checkpoint.save(root, self.epoch, info, write, mid_epoch=mid_epoch, staging=staging)
             checkpoint.rotate(root, self.config.num_checkpoint_limit)
         self.saved_update = self.update
         accelerator.wait_for_everyone()
+
+    def write_shards(self, final: Path) -> Path | None:
+        """sharding=fsdp: the main process makes the checkpoint's staging directory and every process writes its
+        shards of AdamW's state and of the average into it (`sharding.save_sharded`); returns it. Else None."""
+        if not self.sharded:
+            return None
+        holder = [str(checkpoint.staging_dir(final)) if self.accelerator.is_main_process else None]
+        broadcast_object_list(holder)
+        staging = Path(holder[0])
+        save_sharded(staging / checkpoint.SHARDED_DIR, self.denoiser, self.optimizer.optimizer, self.average_tensors())
+        self.accelerator.wait_for_everyone()
+        return staging
+
+    def average_tensors(self) -> dict | None:
+        """The moving average's tensors by parameter name (None without one)."""
+        return None if self.average is None else dict(zip(self.trainable.names(), self.average.tensors))
 
     def checkpoint_kind(self) -> dict:
         """What checkpoint.json says the checkpoint holds (`Checkpoint.finetune`, `Checkpoint.denoiser_name`)."""
@@ -509,7 +525,14 @@ class Trainer:
         """Continue exactly where `saved` stopped (its weights already loaded): optimizer, scaler, RNG streams,
         counters and the moving average."""
         state = checkpoint.read_training_state(saved, self.trainable.names())
-        self.optimizer.load_state_dict(split_optimizer_state(state["optimizer"], self.params))
+        saved_average = state.get("ema")
+        if state["optimizer"] is None:  # a sharding=fsdp checkpoint: optimizer and average in sharded/
+            average = self.average_tensors() if saved_average is not None else None
+            load_sharded(saved.sharded_state, self.denoiser, self.optimizer.optimizer, average)
+            if average is not None:
+                saved_average = {**saved_average, "shadow_params": self.average.tensors}
+        else:
+            self.optimizer.load_state_dict(split_optimizer_state(state["optimizer"], self.params))
         if state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.accelerator.scaler is not None and state["scaler"] is not None:
@@ -517,7 +540,7 @@ class Trainer:
         self.epoch, self.update = state["epoch"], state["update"]
         self.restore_streams(state["random"], saved.path)
         self.guard.load_state_dict(state.get("nonfinite", [0, 0]))
-        self.restore_average(state.get("ema"), saved.path)
+        self.restore_average(saved_average, saved.path)
         self.log({"update": self.update, "resumed_from": str(saved.path), "completed_epochs": self.epoch})
 
     def restore_streams(self, saved: list[dict], path: Path) -> None:

@@ -4,15 +4,20 @@ and on 1 process (unsharded) to the same update, and the command line end to end
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from alignprop import checkpoint
 from alignprop.denoiser_files import is_denoiser_folder
+from alignprop.errors import UserError
+from alignprop.pause import PAUSE_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [f"{model}:{finetune}" for model in ("toyworld", "tiny_sd3", "tiny_flux") for finetune in ("lora", "full")]
@@ -146,3 +151,49 @@ def test_full_fine_tuning_presets_validate_on_8_processes(preset, monkeypatch, n
     )
     assert (config.reward_loss, config.reward_threshold, config.rewards.hps.version) == ("threshold", 0.55, "v2.1")
     assert (batches.batch_size, batches.gradient_accumulation_steps, batches.updates_per_epoch) == (1, 8, 100)
+
+
+def fsdp_run_command(logdir: Path, run_name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
+        "--config", "config/align_prop.py:tiny", f"--config.logdir={logdir}", f"--config.run_name={run_name}",
+        "--config.sharding=fsdp", "--config.train.finetune=full", "--config.steps=4",
+        "--config.truncated_backprop_minmax=(0,4)", "--config.vis_freq=0", "--config.save_freq=1",
+        "--config.train.total_samples_per_epoch=8", *extra,
+    ]  # fmt: skip
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return [grandchild for child in children for grandchild in (child, *descendants(child))]
+
+
+def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    """Every process has written its shards and the main process the weights and training state, not yet marked or
+    renamed (the test hook holds it there): SIGKILL to the whole launch leaves no checkpoint in that run, and the
+    checkpoint it resumed from untouched."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(fsdp_run_command(tmp_path, "first", "--config.num_epochs=1"), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = checkpoint.resolve(str(tmp_path / "first"))
+    before = sorted((str(p.relative_to(saved.path)), p.stat().st_mtime_ns) for p in saved.path.rglob("*"))
+    resume = ["--config.num_epochs=2", f"--config.resume_from={tmp_path / 'first'}"]
+    command, paused = fsdp_run_command(tmp_path, "second", *resume), {**env, PAUSE_ENV: "save:120"}
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=paused, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    root, deadline = tmp_path / "second" / "checkpoints", time.monotonic() + 300
+    while not any((p / checkpoint.STATE_FILE).exists() for p in root.glob(f"{checkpoint.TEMP_PREFIX}*")):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out waiting for the save"
+        time.sleep(0.1)
+    staging = next(root.glob(f"{checkpoint.TEMP_PREFIX}*"))
+    assert (staging / checkpoint.SHARDED_DIR / "__1_0.distcp").exists()  # both processes' shards were written
+    for pid in [*descendants(process.pid), process.pid]:  # torchrun's workers are not in its process group
+        os.kill(pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    with pytest.raises(UserError, match="holds no complete checkpoint"):
+        checkpoint.resolve(str(tmp_path / "second"))
+    assert sorted((str(p.relative_to(saved.path)), p.stat().st_mtime_ns) for p in saved.path.rglob("*")) == before
