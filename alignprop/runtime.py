@@ -67,6 +67,7 @@ def check_sharding(config) -> None:
 def validate(config, num_processes: int) -> BatchPlan:
     """Check the whole config (raising UserError) and fill in derived fields; returns the batch plan."""
     schema.check(config)
+    check_sharding(config)  # first: the refusal is the config's, not the machine's (fp16 on a CPU, no bitsandbytes)
     if config.tracker not in TRACKERS:
         raise UserError(f"tracker={config.tracker!r}; choose one of: {', '.join(TRACKERS)}")
     check_tracker_installed(config.tracker)
@@ -87,7 +88,6 @@ def validate(config, num_processes: int) -> BatchPlan:
     prefix.check(config)
     check_cadence(config)
     check_finetune(config)
-    check_sharding(config)
     batches = plan_batches(config.train, num_processes)
     fill_derived_fields(config.train, batches)
     return batches

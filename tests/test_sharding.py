@@ -104,6 +104,7 @@ def test_fsdp_full_fine_tuning_from_the_command_line(tmp_path):
         "--config.train.learning_rate=1e-4", f"--config.eval_prompt_fn={prompts}", "--config.steps=4",
         "--config.truncated_backprop_minmax=(0,4)", "--config.num_epochs=1", "--config.save_freq=1",
         "--config.train.batch_size_per_gpu_available=1", "--config.train.total_batch_size=2",
+        "--config.block_checkpoint=True", "--config.train.no_grad_batch_size=2",
         "--config.train.total_samples_per_epoch=4",
     )  # fmt: skip
     run_dir = tmp_path / "fsdp"
@@ -197,3 +198,18 @@ def test_sigkill_during_a_sharded_save_leaves_the_previous_checkpoint_intact(tmp
     with pytest.raises(UserError, match="holds no complete checkpoint"):
         checkpoint.resolve(str(tmp_path / "second"))
     assert sorted((str(p.relative_to(saved.path)), p.stat().st_mtime_ns) for p in saved.path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"compile_denoiser": "default"}, "set compile_denoiser=off"),
+        ({"mixed_precision": "fp16"}, "mixed_precision=bf16 or no"),
+        ({"train.use_8bit_adam": True}, "AdamW8bit does not take sharded tensors"),
+    ],
+)
+def test_settings_sharding_cannot_honour_are_one_line(preset, tmp_path, overrides, words):
+    from small_runs import assert_one_line_before_the_run_directory, small_config
+
+    config = small_config(preset, tmp_path, sharding="fsdp", **overrides)
+    assert_one_line_before_the_run_directory(config, tmp_path, words)
