@@ -63,3 +63,12 @@ def demo_run(preset, tmp_path_factory):
     config = preset("tiny")
     config.logdir, config.run_name = str(tmp_path_factory.mktemp("demo")), "demo"
     return _once("demo", lambda: (config, *run(config)))
+
+
+def straight_and_resumed(config_for, logdir: Path) -> dict[str, Path]:
+    """`config_for(logdir, **overrides)` run two epochs straight ("straight"), one epoch ("first"), then resumed from it
+    up to two ("second"): each run's directory. The runs an exact-resume test compares."""
+    straight, _ = run(config_for(logdir, run_name="straight", num_epochs=2))
+    first, _ = run(config_for(logdir, run_name="first", num_epochs=1))
+    second, _ = run(config_for(logdir, run_name="second", num_epochs=2, resume_from=str(first)))
+    return {"straight": straight, "first": first, "second": second}

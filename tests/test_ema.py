@@ -4,7 +4,7 @@ weights in checkpoints, and resumed bit for bit."""
 
 import pytest
 import torch
-from checkpoint_runs import read_metrics, run
+from checkpoint_runs import read_metrics, run, straight_and_resumed
 from safetensors.torch import load_file
 from small_runs import make_trainer, small_config
 
@@ -38,9 +38,8 @@ def ema_config(preset, logdir, **overrides):
 
 
 def test_final_lora_is_the_average_checkpoints_the_weights_and_resume_is_exact(preset, tmp_path):
-    straight, _ = run(ema_config(preset, tmp_path, run_name="straight", num_epochs=2))
-    first, _ = run(ema_config(preset, tmp_path, run_name="first", num_epochs=1))
-    second, _ = run(ema_config(preset, tmp_path, run_name="second", num_epochs=2, resume_from=str(first)))
+    runs = straight_and_resumed(lambda *args, **overrides: ema_config(preset, *args, **overrides), tmp_path)
+    straight, second = runs["straight"], runs["second"]
     for name in ("lora/" + LORA_FILE_NAME, "checkpoints/checkpoint_2/" + LORA_FILE_NAME):
         expected, got = load_file(straight / name), load_file(second / name)
         assert all(torch.equal(expected[k], got[k]) for k in expected), name

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from checkpoint_runs import read_metrics, run, tiny_config
+from checkpoint_runs import read_metrics, run, straight_and_resumed, tiny_config
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 from small_runs import EVAL_PROMPTS, SmoothReward, make_trainer, small_config
@@ -40,11 +40,9 @@ def full_config(preset, logdir, **overrides):
 def runs(preset, tmp_path_factory):
     """Two epochs straight; one epoch, then a resume from it up to two; the evaluate mode on the straight run."""
     logdir = tmp_path_factory.mktemp("full")
-    straight, _ = run(full_config(preset, logdir, run_name="straight", num_epochs=2))
-    first, _ = run(full_config(preset, logdir, run_name="first", num_epochs=1))
-    second, _ = run(full_config(preset, logdir, run_name="second", num_epochs=2, resume_from=str(first)))
-    evaluated = run(full_config(preset, logdir, run_name="evaluate", only_eval=True, resume_from=str(straight)))
-    return {"straight": straight, "first": first, "second": second, "evaluate": evaluated, "logdir": logdir}
+    runs = straight_and_resumed(lambda *args, **overrides: full_config(preset, *args, **overrides), logdir)
+    evaluate = full_config(preset, logdir, run_name="evaluate", only_eval=True, resume_from=str(runs["straight"]))
+    return {**runs, "evaluate": run(evaluate), "logdir": logdir}
 
 
 def training_records(run_dir):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from checkpoint_runs import read_metrics, run
+from checkpoint_runs import read_metrics, run, straight_and_resumed
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from gradient_checks import PROMPTS, float64_model_with_lora, lora_grads, relative_errors, steps_receiving_gradient
 from safetensors.torch import load_file
@@ -110,11 +110,9 @@ def sdxl_config(preset, logdir, **overrides):
 def sdxl_runs(preset, tmp_path_factory):
     """Two epochs straight; one epoch then a resume to two; an evaluation of the straight run."""
     logdir = tmp_path_factory.mktemp("sdxl")
-    straight, _ = run(sdxl_config(preset, logdir, run_name="straight", num_epochs=2))
-    first, _ = run(sdxl_config(preset, logdir, run_name="first", num_epochs=1))
-    second, _ = run(sdxl_config(preset, logdir, run_name="second", num_epochs=2, resume_from=str(first)))
-    evaluated, result = run(sdxl_config(preset, logdir, run_name="eval", only_eval=True, resume_from=str(straight)))
-    return {"straight": straight, "second": second, "eval": (evaluated, result)}
+    runs = straight_and_resumed(lambda *args, **overrides: sdxl_config(preset, *args, **overrides), logdir)
+    evaluate = sdxl_config(preset, logdir, run_name="eval", only_eval=True, resume_from=str(runs["straight"]))
+    return {**runs, "eval": run(evaluate)}
 
 
 def test_sdxl_trains_and_resumes_bit_for_bit(sdxl_runs):
