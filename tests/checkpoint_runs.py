@@ -65,10 +65,12 @@ def demo_run(preset, tmp_path_factory):
     return _once("demo", lambda: (config, *run(config)))
 
 
-def straight_and_resumed(config_for, logdir: Path) -> dict[str, Path]:
+def straight_and_resumed(config_for, logdir: Path) -> dict:
     """`config_for(logdir, **overrides)` run two epochs straight ("straight"), one epoch ("first"), then resumed from it
-    up to two ("second"): each run's directory. The runs an exact-resume test compares."""
+    up to two ("second"), each run's directory; and the evaluate mode on the straight run ("evaluate": its run
+    directory and result). The runs an exact-resume test compares."""
     straight, _ = run(config_for(logdir, run_name="straight", num_epochs=2))
     first, _ = run(config_for(logdir, run_name="first", num_epochs=1))
     second, _ = run(config_for(logdir, run_name="second", num_epochs=2, resume_from=str(first)))
-    return {"straight": straight, "first": first, "second": second}
+    evaluated = run(config_for(logdir, run_name="evaluate", only_eval=True, resume_from=str(straight)))
+    return {"straight": straight, "first": first, "second": second, "evaluate": evaluated}

@@ -51,7 +51,7 @@ def test_final_lora_is_the_average_checkpoints_the_weights_and_resume_is_exact(p
     state = torch.load(straight / "checkpoints/checkpoint_2" / checkpoint.STATE_FILE, weights_only=True)
     assert state["ema"]["decay"] == DECAY and state["ema"]["optimization_step"] == 4
     # The evaluations during training score the average: the last one equals evaluating the final LoRA.
-    evaluated, result = run(ema_config(preset, tmp_path, run_name="eval", only_eval=True, resume_from=str(straight)))
+    _, result = runs["evaluate"]
     last = [r for r in read_metrics(straight) if r.get("eval")][-1]
     assert result.summary()["reward_mean"] == pytest.approx(last["reward_mean"], abs=1e-6)
 
