@@ -28,6 +28,10 @@ CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "align_prop.py
 HELP_ARGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
 CONFIG_ARG = re.compile(r"^--?config(=|$)")
 DESCRIPTION = "AlignProp: fine-tune a text-to-image diffusion model by backpropagating a differentiable reward."
+COMMANDS = {  # `alignprop NAME ARGS`: tools that read finished runs (alignprop/NAME.py, also python -m alignprop.NAME)
+    "compare": "RUN_OR_EVAL [...] [--out DIR]   paired comparison of evaluations: compare.{md,csv,png}",
+    "curves": "RUN                             RUN/curves.png: reward, held-out metrics, grad norm, lr",
+}
 
 
 # --- help and usage (answered without loading torch) ---------------------------------------------------------
@@ -94,6 +98,9 @@ def help_text(argv0: str) -> str:
             f"  {prog} --config {config}:tiny --config.num_epochs=2 --config.train.learning_rate=5e-4",
             f"  {prog} --config {config}:tiny --config.only_eval=True --config.resume_from=logs/RUN",
             f"  accelerate launch main.py --config {config}:aesthetic",
+            "",
+            "commands:",
+            *[f"  {prog} {name} {what}" for name, what in COMMANDS.items()],
             "",
             "--config is a path (relative to the working directory) followed by :PRESET. Any value of the preset",
             "can be overridden with --config.KEY=VALUE, nested keys with dots (--config.train.learning_rate=5e-4);",
@@ -287,7 +294,7 @@ def report(kind: str, result) -> None:
 
 
 WRITTEN = {  # what a job leaves in its run directory (besides config.json), said at the end
-    "train": "{final}/, before_after.png, metrics.jsonl, checkpoints/, eval/",
+    "train": "{final}/, before_after.png, curves.png, metrics.jsonl, checkpoints/, eval/",
     "evaluate": "images/, grid.png, summary.json",
     "soup": "coef_<c>/, soup.csv, soup.json, soup.png",
 }
@@ -332,8 +339,24 @@ def absl_main(argv) -> None:
         sys.exit(130)
 
 
+def run_command(argv: list[str]) -> None:
+    """`PROG compare ...` / `PROG curves ...` (COMMANDS): that module's own command line."""
+    prog = f"{program_name(argv[0])} {argv[1]}"
+    if argv[1] == "compare":
+        from alignprop import compare
+
+        compare.main(argv[2:], prog)
+    else:
+        from alignprop import curves
+
+        curves.main(argv[2:], prog)
+
+
 def main() -> None:
     """Entry point of main.py and `python -m alignprop` (reads sys.argv)."""
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        run_command(sys.argv)
+        return
     argv = sys.argv = with_current_key_names(sys.argv)
     arguments = given_arguments(argv)
     if any(argument in HELP_ARGS for argument in arguments):

@@ -205,6 +205,7 @@ def evaluation_context(config, weights: str | None, mode: str) -> dict:
         "reward_fn": config.reward_fn,
         "prompts": config.eval_prompt_fn,
         "seed": config.seed,
+        "eval_seeding": config.get("eval_seeding", "sequential"),  # "sequential": latent i of one draw from seed
         "steps": config.steps,
         "guidance_scale": config.sd_guidance_scale,
         "eta": config.eta,

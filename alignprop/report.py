@@ -161,7 +161,8 @@ def save_before_after(
 
 
 def write_evaluation(result: EvalResult, directory: Path, context: dict, max_images: int | None = None) -> dict:
-    """directory/images/<index>_<slug>.png (the first `max_images`), grid.png and summary.json.
+    """directory/images/<index>_<slug>.png (the first `max_images`), grid.png and summary.json (the context, the
+    images' resolution, the statistics, then per image: index, prompt, file, reward, metrics).
 
     Returns the summary (the statistics always cover every image, saved or not).
     """
@@ -172,7 +173,8 @@ def write_evaluation(result: EvalResult, directory: Path, context: dict, max_ima
         files.append(f"images/{image_file_name(index, prompt)}")
         to_pil(image).save(directory / files[-1])
     save_grid([("", shown)], directory / "grid.png", columns=min(GRID_COLUMNS, max(len(files), 1)))
-    summary = {**context, "num_images": len(result.prompts), **result.summary()}
+    resolution = list(result.images.shape[-2:])  # height, width: evaluations at different sizes do not pair
+    summary = {**context, "resolution": resolution, "num_images": len(result.prompts), **result.summary()}
     per_image = []
     for index, prompt in enumerate(result.prompts):
         entry = {"index": index, "prompt": prompt, "file": files[index] if index < len(files) else None}

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from alignprop import checkpoint, paths
 from alignprop.batching import BatchPlan
+from alignprop.curves import save_curves_after_training
 from alignprop.ema import average_from_config
 from alignprop.errors import Interrupted, UserError
 from alignprop.evaluate import (
@@ -337,6 +338,7 @@ class Trainer:
                 self.trainable.export(self.run_dir, weights)
         if self.accelerator.is_main_process:
             save_before_after(before, after, self.run_dir / "before_after.png")
+            save_curves_after_training(self.run_dir)  # RUN/curves.png; a failure is only a warning
         self.accelerator.end_training()
 
     def log(self, record: dict) -> None:
@@ -358,7 +360,7 @@ class Trainer:
         pause_point("evaluate")  # test hook: SIGKILL mid-evaluation, before its images are written
         if self.accelerator.is_main_process:
             directory = self.run_dir / "eval" / f"update_{self.update:06d}"
-            context = {**evaluation_context(self.config, None, "train"), "update": self.update}
+            context = {**evaluation_context(self.config, None, "train"), "seed": seed, "update": self.update}
             summary = write_evaluation(result, directory, context, max_images=saved_image_count(self.config))
             log_to_trackers(self.accelerator, "eval", summary, directory / "grid.png", step=self.update)
         return result
