@@ -250,12 +250,14 @@ def dry_run(config, preset: str = "") -> int:
     Config errors are reported as in a run (the schema first; once every file is there, the whole validation).
     Nothing is written, loaded or downloaded.
     """
-    from alignprop import jobs, runtime, schema
+    from alignprop import jobs, quantization, runtime, schema
 
     schema.check(config)
     needs = needs_of(config)
     print(f"dry run{f' of {preset}' if preset else ''}: files the run reads (nothing is written or downloaded)")
     print(report(needs))
+    if quantization.describe(config):
+        print(f"  {quantization.describe(config)}")
     missing = [need for need in needs if not need.present]
     if missing:
         total = sum(need.size or 0 for need in needs if need.present)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import HFValidationError
 
+from alignprop import quantization
 from alignprop.errors import UserError, excerpt, shorten
 from alignprop.families import Family, family_class
 
@@ -43,6 +44,7 @@ SHORT_NAMES = {
     ),
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+NOT_QUANTIZED = ("none", "none")  # (denoiser, text encoders): see alignprop.quantization
 SINGLE_FILE_CONFIG_OPTION = "--config.pretrained.config"
 SINGLE_FILE_CONFIG_ALONE = (
     "pretrained.config is the pipeline layout of a single-file pretrained.model (.safetensors or .ckpt); "
@@ -201,21 +203,47 @@ def single_file_layout(model: str, path: Path, layout: str, revision: str) -> st
 
 
 def _from_source(
-    family: type[Family], source: str, revision: str, dtype: torch.dtype, components: dict, layout: str = ""
+    family: type[Family],
+    source: str,
+    revision: str,
+    dtype: torch.dtype,
+    components: dict,
+    layout: str = "",
+    quantize: tuple[str, str] = NOT_QUANTIZED,
 ):
     common = {"dtype": dtype, **family.load_kwargs, **components}
     if Path(source).is_file():
         where = {"config": layout, "revision": revision} if layout else {}
+        if quantize[0] != "none":  # diffusers quantizes single files per model, not per pipeline
+            common[family.denoiser_name] = _quantized_single_file_denoiser(family, source, where, dtype, quantize[0])
         return family.pipeline_class.from_single_file(source, **where, **common)
+    plan = quantization.pipeline_config(family.denoiser_name, family.text_encoder_names, *quantize)
+    if plan is not None:
+        common["quantization_config"] = plan
     return family.pipeline_class.from_pretrained(source, revision=revision, **common)
 
 
+def _quantized_single_file_denoiser(family: type[Family], source: str, where: dict, dtype: torch.dtype, mode: str):
+    """The denoiser of a single-file model, quantized at load (the pipeline then takes it as a component)."""
+    (denoiser_class,) = family.pipeline_class._get_signature_types()[family.denoiser_name]
+    quantized = quantization.denoiser_config(mode)
+    return denoiser_class.from_single_file(
+        source, subfolder=family.denoiser_name, torch_dtype=dtype, quantization_config=quantized, **where
+    )
+
+
 def load_pipeline(
-    model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = "", single_file_config: str = ""
+    model: str,
+    revision: str = "main",
+    dtype: torch.dtype = torch.float32,
+    vae: str = "",
+    single_file_config: str = "",
+    quantize: tuple[str, str] = NOT_QUANTIZED,
 ):
     """Load the model's pipeline (its family read from the model), its scheduler and frozen weights in `dtype`;
     `vae`: another AutoencoderKL to use (e.g. an fp16-safe SDXL VAE); `single_file_config`: the pipeline layout of
-    a single-file model (`pretrained.config`, see `single_file_layout`)."""
+    a single-file model (`pretrained.config`, see `single_file_layout`); `quantize`: the (denoiser, text encoders)
+    storage modes of `pretrained.quantize*` (`alignprop.quantization`)."""
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     source = resolve_model_source(model)
@@ -228,7 +256,7 @@ def load_pipeline(
     try:
         family = family_class(pipeline_class_name(source, revision, layout))
         components = {"vae": _load_vae(vae, dtype)} if vae else {}
-        pipeline = _from_source(family, source, revision, dtype, components, layout)
+        pipeline = _from_source(family, source, revision, dtype, components, layout, quantize)
     except (OSError, HFValidationError, ValueError, KeyError, json.JSONDecodeError, SingleFileComponentError) as error:
         problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if single_file and single_file_config and isinstance(error, OSError):
@@ -252,8 +280,13 @@ def _load_vae(source: str, dtype: torch.dtype):
 
 
 def load_model(
-    model: str, revision: str = "main", dtype: torch.dtype = torch.float32, vae: str = "", single_file_config: str = ""
+    model: str,
+    revision: str = "main",
+    dtype: torch.dtype = torch.float32,
+    vae: str = "",
+    single_file_config: str = "",
+    quantize: tuple[str, str] = NOT_QUANTIZED,
 ) -> Family:
     """`load_pipeline`, wrapped in its family (what the sampler and the trainer use)."""
-    pipeline = load_pipeline(model, revision, dtype, vae, single_file_config)
+    pipeline = load_pipeline(model, revision, dtype, vae, single_file_config, quantize)
     return family_class(type(pipeline).__name__)(pipeline)

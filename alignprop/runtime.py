@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate import PartialState
 
-from alignprop import paths, prefix, prompts, rewards, schema
+from alignprop import paths, prefix, prompts, quantization, rewards, schema
 from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
 from alignprop.models import check_model_available, check_model_name, inference_dtype
@@ -68,6 +68,7 @@ def validate(config, num_processes: int) -> BatchPlan:
     """Check the whole config (raising UserError) and fill in derived fields; returns the batch plan."""
     schema.check(config)
     check_sharding(config)  # first: the refusal is the config's, not the machine's (fp16 on a CPU, no bitsandbytes)
+    quantization.check(config)
     if config.tracker not in TRACKERS:
         raise UserError(f"tracker={config.tracker!r}; choose one of: {', '.join(TRACKERS)}")
     check_tracker_installed(config.tracker)

@@ -314,6 +314,7 @@ EVAL_PROMPT_MODES = ("all", "original")
 TRACKERS = ("none", "wandb", "tensorboard")  # runtime.validate then checks that the package is installed
 FINETUNE_MODES = ("lora", "full")  # trainable.py: a LoRA adapter | every denoiser weight
 SHARDING_MODES = ("none", "fsdp")  # sharding.py: every process holds the denoiser | FSDP2 shards it
+QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")  # quantization.py: a frozen base in 8 or 4 bits, LoRA on top
 SOUP_MODES = ("params", "delta")  # soup.py: mix every LoRA tensor | the two adapters side by side
 # torch.compile modes of `compile_denoiser` ("default" is torch.compile's mode=None); "off" does not compile.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -471,6 +472,8 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "pretrained.vae": Text(note="empty, or a hub id / local directory of an AutoencoderKL"),
     "pretrained.max_sequence_length": Int(0, 512, note="SD3 / FLUX T5 prompt tokens; 0: the pipeline's default"),
     "pretrained.config": Text(note="empty, or a single-file model's layout: a diffusers directory, hub id or tiny"),
+    "pretrained.quantize": Text(choices=lambda: QUANTIZE_MODES, note="the frozen denoiser's storage (QLoRA-style)"),
+    "pretrained.quantize_text_encoders": Text(choices=lambda: QUANTIZE_MODES, note="the text encoders' storage"),
     "lora.rank": Int(1, 1024),
     "lora.alpha": POSITIVE,
     "lora.target_modules": Names(),

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from alignprop import models, paths
+from alignprop import models, paths, quantization
 from alignprop.errors import UserError
 from alignprop.families import Family
 from alignprop.prompts import load_prompts
@@ -35,6 +35,9 @@ class Session:
 def make_accelerator(config) -> Accelerator:
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     torch.backends.cudnn.allow_tf32 = config.allow_tf32
+    # SDPA's cuDNN kernels fail in FLUX's backward (torch 2.11 + CUDA 13 on an H200: "mha_graph.execute ... is_good()",
+    # then illegal memory accesses); the flash and memory-efficient kernels SDPA falls back to do not.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     return Accelerator(
         mixed_precision=config.mixed_precision,
         cpu=not torch.cuda.is_available(),
@@ -50,7 +53,9 @@ def build_session(config) -> Session:
     dtype = models.inference_dtype(config.mixed_precision)
     pretrained = config.pretrained
     layout = pretrained.get("config", "")  # a single file's pipeline layout
-    model = models.load_model(pretrained.model, pretrained.revision, dtype, pretrained.vae, single_file_config=layout)
+    model = models.load_model(
+        pretrained.model, pretrained.revision, dtype, pretrained.vae, layout, quantization.requested(config)
+    )
     configure_model(model, config, accelerator.device)
     reward = build_reward(config, accelerator.device, dtype)
     eval_rewards = build_eval_rewards(config, accelerator.device, dtype)

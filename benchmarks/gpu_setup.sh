@@ -19,4 +19,6 @@ print("torch", torch.__version__, "diffusers", diffusers.__version__, "transform
 install .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 python3 -c "$check" >> "$OUT/machine.txt" 2>&1 || { cat "$OUT/machine.txt"; exit 1; }
+# torchao only serves the quantized (*_24gb) cases: a failed import is recorded, not fatal.
+python3 -c "import torchao; print('torchao', torchao.__version__)" >> "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"

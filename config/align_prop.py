@@ -17,6 +17,8 @@ PRESETS = (
     "hps_flux",
     "hps_sd35_full",
     "hps_flux_full",
+    "hps_sdxl_24gb",
+    "hps_flux_24gb",
     "evaluate",
     "evaluate_soup",
     "tiny",
@@ -267,6 +269,12 @@ def general():
     # SD3 / FLUX: the T5 prompt length in tokens (the pipelines' `max_sequence_length`); 0: the pipeline's default,
     # 256 for SD3, 512 for FLUX. FLUX.1-schnell was trained with 256; shorter is faster (T5 padding is context).
     pretrained.max_sequence_length = 0
+    # A quantized frozen base (QLoRA-style, alignprop/quantization.py): "none", "int8" / "fp8" (torchao weight-only,
+    # 1 byte per weight) or "nf4" (bitsandbytes 4-bit, CUDA only). The LoRA trains in fp32 on top and is saved as
+    # usual: it loads into the unquantized pipeline. `quantize_text_encoders`: the same for CLIP / T5.
+    # README "Training on one 24 GB GPU".
+    pretrained.quantize = "none"
+    pretrained.quantize_text_encoders = "none"
 
     config.lora = lora = ml_collections.ConfigDict()
     lora.rank = 4
@@ -479,6 +487,34 @@ def hps_sd35_full():
 def hps_flux_full():
     """FLUX.1-dev, every transformer weight, FSDP, 512 px, FlowBP's settings (`_full_fine_tuning`); guidance 4."""
     return _full_fine_tuning(hps_flux(), guidance=4.0)
+
+
+def _one_gpu(config):
+    """One 24 GB GPU (README "Training on one 24 GB GPU"): the frozen denoiser stored in int8 (torchao weight-only;
+    "nf4" halves it again on CUDA), the LoRA in fp32 on top; K=1, one sample per pass, per-block and decode
+    checkpointing, text encoders run once and moved off."""
+    config.pretrained.quantize = "int8"  # diffusers' QLoRA recipe; int8 is the mode the CPU tests run too
+    config.truncation_strategy, config.truncated_backprop_rand = "fixed", False  # K=1: one denoiser call with grad
+    config.trunc_backprop_timestep = config.steps - 1
+    config.train.batch_size_per_gpu_available = 1
+    config.block_checkpoint, config.grad_checkpoint = True, False
+    config.decode_checkpoint = True
+    config.vae_slicing = True
+    config.offload_text_encoders = True
+    return config
+
+
+def hps_sdxl_24gb():
+    """hps_sdxl on one 24 GB GPU: int8 UNet, K=1, 1024 px, checkpointing, text encoders offloaded; not tuned."""
+    return _one_gpu(hps_sdxl())
+
+
+def hps_flux_24gb():
+    """hps_flux on one 24 GB GPU: int8 transformer and T5, 512 px, K=1, checkpointing, T5 offloaded; not tuned."""
+    config = _one_gpu(hps_flux())
+    config.pretrained.quantize_text_encoders = "int8"  # T5-XXL: 9.5 GB in bf16 while it encodes the prompts
+    config.resolution = 512  # FlowBP's training size for FLUX.1-dev; 1024 px activations do not fit beside 12 GB
+    return config
 
 
 def evaluate():

@@ -76,7 +76,7 @@ def test_benchmark_runs_the_optimization_variants(tiny_dir):
     assert all(r["finite_loss"] for r in rows)
 
 
-@pytest.mark.parametrize("case", ["tiny_sdxl_lora", "tiny_sd3_full", "tiny_flux_lora"])
+@pytest.mark.parametrize("case", ["tiny_sdxl_lora", "tiny_sd3_full", "tiny_flux_lora", "tiny_flux_24gb"])
 def test_whole_update_benchmark_runs_each_kind_of_case_on_the_cpu(case):
     """bench_update drives the real Trainer: a full case trains every weight, a LoRA case only the adapter."""
     from benchmarks import bench_update
@@ -85,13 +85,30 @@ def test_whole_update_benchmark_runs_each_kind_of_case_on_the_cpu(case):
     assert result["seconds_per_update"] > 0 and result["peak_gib"] > 0
     assert result["finetune"] == ("full" if case.endswith("full") else "lora")
     assert (result["trainable_parameters"] == result["denoiser_parameters"]) == case.endswith("full")
+    assert (result["quantized_denoiser_layers"] > 0) == case.endswith("24gb"), "the one-GPU preset's int8 base"
 
 
 def test_the_gpu_scale_script_names_existing_cases():
     from benchmarks import bench_update
 
     text = (Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_scale.sh").read_text()
-    named = re.findall(r"^case_run (\S+) (\d+)$", text, re.M)
-    assert [name for name, _ in named] == ["sd35_full_512", "flux_lora_512_k1", "sdxl_lora_1024_k1"]
+    named = re.findall(r"^case_run (\S+) (\d+)(?: --memory-cap-gb 24)?$", text, re.M)
+    cases = ["flux_24gb", "sd35_full_512", "flux_lora_512_k1", "sdxl_24gb", "sdxl_lora_1024_k1"]
+    assert [name for name, _ in named] == cases
+    assert re.findall(r"^case_run (\S+) \d+ --memory-cap-gb 24$", text, re.M) == ["flux_24gb", "sdxl_24gb"]
     assert all(name in bench_update.CASES for name, _ in named)
     assert sum(int(limit) for _, limit in named) <= 480  # under 8 minutes of runs
+
+
+def test_the_readme_gpu_update_table_is_the_measured_results():
+    """README's table of whole updates on the H200 is what update_table renders from the committed JSON results."""
+    from benchmarks import update_table
+
+    root = Path(__file__).resolve().parent.parent
+    results = sorted((root / "benchmarks" / "results").glob("h200-update_*.json"))
+    results.append(root / "benchmarks" / "results" / "h200-check-cudnn-off_sdxl_lora_1024_k1.json")
+    assert len(results) == 6
+    readme = (root / "README.md").read_text()
+    assert update_table.table(results) in readme, "README: rerun python -m benchmarks.update_table (its command)"
+    one_gpu = [path for path in results if path.name.startswith(("h200-update_sdxl", "h200-update_flux"))]
+    assert len(one_gpu) == 4 and update_table.table(one_gpu) in readme, "the 24 GB section's measured rows"

@@ -1,6 +1,7 @@
 """The per-GPU memory estimate counts what the real modules hold, and shards as it says."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,52 @@ def test_sd15_unet_on_meta_has_the_published_parameter_count():
     with torch.device("meta"):
         unet.add_adapter(LoraConfig(r=counts.lora_rank, target_modules=list(counts.lora_targets)))
     assert counts.lora == sum(p.numel() for key, p in unet.named_parameters() if "lora_" in key) == 797_184
+
+
+def storage_bytes(module: torch.nn.Module) -> int:
+    """What a loaded module really holds: torchao tensors by their inner tensors, the rest by their elements."""
+    from torchao.utils import TorchAOBaseTensor
+
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        inner = (
+            [getattr(tensor, name) for name in tensor.tensor_data_names]
+            if isinstance(tensor, TorchAOBaseTensor)
+            else [tensor]
+        )
+        total += sum(part.numel() * part.element_size() for part in inner)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "fp8"])
+@pytest.mark.parametrize("name", ["tiny", "tiny_sd3"])
+def test_the_one_gpu_estimate_counts_the_bytes_torchao_stores(name, mode):
+    """memory_one_gpu's per-layer arithmetic equals the storage of the same denoiser loaded quantized (bf16)."""
+    from alignprop import models
+    from benchmarks.memory_one_gpu import stored_bytes
+
+    loaded = models.load_model(name, dtype=torch.bfloat16, quantize=(mode, "none")).denoiser
+    plain = models.load_model(name, dtype=torch.bfloat16).denoiser
+    assert stored_bytes(plain, mode) == storage_bytes(loaded)
+    if mode != "none":
+        assert storage_bytes(loaded) < storage_bytes(plain)
+
+
+def test_the_one_gpu_table_has_the_shipped_presets_and_their_bf16_and_nf4_variants():
+    from benchmarks import memory_one_gpu
+
+    table = memory_one_gpu.rows()
+    assert [(r[0], r[1], r[2]) for r in table] == [
+        ("hps_sdxl_24gb", "none", "none"),
+        ("hps_sdxl_24gb", "int8", "none"),
+        ("hps_sdxl_24gb", "nf4", "nf4"),
+        ("hps_flux_24gb", "none", "none"),
+        ("hps_flux_24gb", "int8", "int8"),
+        ("hps_flux_24gb", "nf4", "nf4"),
+    ]
+    denoiser = {(r[0], r[1]): float(r[3]) for r in table}
+    assert denoiser[("hps_flux_24gb", "int8")] == pytest.approx(denoiser[("hps_flux_24gb", "none")] / 2, rel=0.02)
+    training = {(r[0], r[1]): float(r[9]) for r in table}
+    assert training[("hps_flux_24gb", "none")] > 24 > training[("hps_flux_24gb", "int8")], "why FLUX needs it"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert memory_one_gpu.markdown(table) in readme, "README: rerun python -m benchmarks.memory_one_gpu --markdown"
