@@ -38,8 +38,12 @@ from alignprop.lora_files import LORA_FILE_NAME, is_original_checkpoint, lora_fi
 from alignprop.nonfinite import all_finite, optimizer_tensors
 from alignprop.pause import pause_point
 from alignprop.rundir import os_error_behind
+from alignprop.written_files import give_normal_mode
 
-BASE_MODEL = "stablediffusion"  # resume_from(_2) value meaning "the base model, no LoRA" (the original's spelling)
+# resume_from(_2) values meaning "the base model, no trained weights": "base" (any family), and the original code's
+# "stablediffusion" (kept working). A directory of either name is given as ./base.
+BASE_MODEL = "base"
+BASE_MODEL_NAMES = (BASE_MODEL, "stablediffusion")
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "training_state.pt"
 MARKER_FILE = "checkpoint.json"
@@ -48,6 +52,11 @@ AVERAGE_DIR = "ema"  # a checkpoint's moving-average weights (train.ema_decay), 
 SHARDED_DIR = "sharded"  # sharding=fsdp: the optimizer's and the average's tensors, one file per process (DCP)
 FORMAT_VERSION = 1
 NAME_PATTERN = re.compile(r"checkpoint_(\d+)(?:_update_(\d+))?")
+
+
+def is_base_model(source: str) -> bool:
+    """Whether a resume_from(_2) value names the base model (BASE_MODEL_NAMES) rather than trained weights."""
+    return source in BASE_MODEL_NAMES
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,43 @@ class Checkpoint:
             if "Weights only load failed" in reason:  # weights_only refuses anything that runs code on load
                 reason = "it needs arbitrary code to unpickle (refused: only tensors and plain containers load)"
             raise UserError(f"cannot read the training state of {str(self.path)!r}: {reason}") from None
+
+
+# --- the save schedule ------------------------------------------------------------------------------
+
+
+def save_due(config, epoch: int) -> bool:
+    """Whether training saves checkpoint_<epoch> after `epoch` completed epochs: every `save_freq`-th and the last
+    (save_freq 0: none). The one rule the training loop and the start-up line both read.
+
+    save_schedule="original": the original code's, which saved after the epoch of 0-based index e when
+    e % save_freq == 0 (mihirp1998/AlignProp @ 7f4503f, main.py, line 601): after 1, 1 + save_freq, ... completed
+    epochs, the last only when it falls on one (hps: 1, 5, ..., 197 of 200)."""
+    save_freq = config.save_freq
+    if save_freq <= 0:
+        return False
+    if config.get("save_schedule", "periodic") == "original":
+        return (epoch - 1) % save_freq == 0
+    return epoch % save_freq == 0 or epoch == config.num_epochs
+
+
+def saved_epochs(config, first_epoch: int = 0) -> list[int]:
+    """The completed-epoch counts after which a run starting after `first_epoch` epochs saves a checkpoint."""
+    return [epoch for epoch in range(first_epoch + 1, config.num_epochs + 1) if save_due(config, epoch)]
+
+
+def describe_schedule(config, first_epoch: int = 0) -> str:
+    """What the start-up line says will be saved, e.g. "after epoch 4, 8, ..., 200 (50 checkpoint(s); the newest 10
+    kept)"."""
+    epochs = saved_epochs(config, first_epoch)
+    if not epochs:
+        return "none (save_freq=0)" if config.save_freq <= 0 else "none in the epochs this run trains (save_schedule)"
+    shown = [str(epoch) for epoch in epochs]
+    if len(shown) > 4:
+        shown = [*shown[:2], "...", shown[-1]]
+    kept = config.num_checkpoint_limit
+    keeps = f"; the newest {kept} kept" if len(epochs) > kept else ""
+    return f"after epoch {', '.join(shown)} ({len(epochs)} checkpoint(s){keeps})"
 
 
 def checkpoint_name(epoch: int, mid_epoch_update: int | None = None) -> str:
@@ -231,6 +277,7 @@ def _write_atomically(final: Path, marker: dict, write_contents: Callable[[Path]
         written = sorted(p for p in staging.rglob("*") if p.is_file())  # subdirectories too (the average's LoRA)
         marker["files"] = [str(p.relative_to(staging)) for p in written]
         (staging / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+        give_normal_mode(staging)  # mkdtemp and safetensors make them owner-only
         for path in [*written, staging / MARKER_FILE, *(p for p in staging.rglob("*") if p.is_dir()), staging]:
             fsync_path(path)
         if final.exists():  # only when a run re-saves an epoch; move the old one out of the way first

@@ -12,12 +12,14 @@ import logging
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
-from alignprop.errors import Interrupted, UserError, shorten
+from alignprop import schema
+from alignprop.errors import Interrupted, UserError, excerpt, shorten
 
 FLAGS = flags.FLAGS
 # No default: a default preset would be parsed (with the overrides) as soon as the flag is defined, before any
@@ -85,6 +87,35 @@ def usage(argv0: str) -> str:
     )
 
 
+HELP_KEYS = "--help-keys"
+
+
+def keys_text(argv: list[str]) -> str:
+    """`--help-keys [PREFIX]`: every config key (starting with PREFIX) with its default, the --config preset's or else
+    the base config's, and what it takes, from its rule in alignprop/schema.py."""
+    from alignprop.schema import RULES, leaves
+
+    arguments = given_arguments(argv)
+    following = arguments[arguments.index(HELP_KEYS) + 1 :]
+    prefix = following[0] if following and not following[0].startswith("-") else ""
+    spec = config_argument(argv)
+    path, _, preset = (spec or str(CONFIG_FILE)).partition(":")
+    try:
+        module = load_config_module(Path(path))
+        config = module.get_config(preset) if preset else module.general()
+    except Exception as error:  # a missing file or preset: one line, as for a run
+        reason = shorten(str(error), 120)
+        raise UserError(f"--help-keys cannot read --config {excerpt(spec or path)}: {reason}") from None
+    lines = [
+        f"{key} = {value!r}: {RULES[key].expected() if key in RULES else ''}"
+        for key, value in leaves(config)
+        if key.startswith(prefix)
+    ]
+    if not lines:
+        raise UserError(f"no config key starts with {excerpt(prefix)}; --help-keys alone lists them all")
+    return "\n".join(lines)
+
+
 def help_text(argv0: str) -> str:
     prog, config = program_name(argv0), shown_path(CONFIG_FILE)
     return "\n".join(
@@ -104,7 +135,8 @@ def help_text(argv0: str) -> str:
             "",
             "--config is a path (relative to the working directory) followed by :PRESET. Any value of the preset",
             "can be overridden with --config.KEY=VALUE, nested keys with dots (--config.train.learning_rate=5e-4);",
-            f"the keys, their defaults and what they mean are in {config}. Runs are written to",
+            f"the keys, their defaults and what they mean are in {config}; {HELP_KEYS} [PREFIX] lists them",
+            "with their defaults (a preset's with --config) and the values each takes. Runs are written to",
             "--config.logdir (default: logs/) in a new run directory; see README.md.",
         ]
     )
@@ -134,21 +166,36 @@ def last_error_line(text: str) -> str:
 
 
 def config_argument(argv: list[str]) -> str | None:
-    """The value of --config (`--config X` or `--config=X`), None when not given."""
-    arguments = given_arguments(argv)
+    """The value of --config (`--config X` or `--config=X`; the last one, as absl reads it), None when not given."""
+    arguments, value = given_arguments(argv), None
     for index, argument in enumerate(arguments):
         match = CONFIG_ARG.match(argument)
         if match:
-            if match.group(1):
-                return argument[match.end() :]
-            return arguments[index + 1] if index + 1 < len(arguments) else ""
-    return None
+            value = argument[match.end() :] if match.group(1) else (arguments[index + 1 : index + 2] or [""])[0]
+    return value
 
 
 # Keys that existed in an earlier version, with what replaces them (said instead of a close match).
 REMOVED_KEYS = {
     "fold_lora": "it gave no measurable speed (benchmarks/README.md); compile_denoiser is the faster switch",
 }
+
+
+# Other tools' names for a key (accelerate's `log_with`), with alignprop's.
+KEY_ALIASES = {"log_with": "tracker"}
+
+
+def key_elsewhere(name: str, config: ConfigDict) -> str | None:
+    """The key that a top-level `name` means: the one whose last components, joined by '_', spell it
+    (refl_last_steps: gradient_paths.refl.last_steps; rank: lora.rank); None when none or several do."""
+    from alignprop.schema import leaves
+
+    found = []
+    for key, _ in leaves(config):
+        parts = key.split(".")
+        if any("_".join(parts[-count:]) == name for count in range(1, len(parts) + 1)):
+            found.append(key)
+    return found[0] if len(found) == 1 else None
 
 
 def unknown_key(argv: list[str], config: ConfigDict, config_file: str) -> str | None:
@@ -170,6 +217,10 @@ def unknown_key(argv: list[str], config: ConfigDict, config_file: str) -> str | 
                 return f"config key {known!r} holds a value, not keys: --config.{match.group(1)} does not exist"
             close = difflib.get_close_matches(part, [str(key) for key in node.keys()], n=1)
             where = f" (see {config_file})"
+            name = match.group(1)
+            moved = KEY_ALIASES.get(name) or ("." not in name and key_elsewhere(name, config))
+            if moved:
+                return f"unknown config key {name!r}; did you mean {moved!r}?{where}"
             if close:
                 suggestion = ".".join([*parts[:depth], close[0]])
                 return f"unknown config key {'.'.join(parts[: depth + 1])!r}; did you mean {suggestion!r}?{where}"
@@ -219,6 +270,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         args = FLAGS(argv)
         FLAGS.config.keys()  # the config file is loaded lazily: load it now, inside this try
+        repeated = repeated_tuple_key(argv, FLAGS.config)
+        if repeated:
+            fail(
+                f"--config.{repeated} is given more than once; ml_collections would join the tuples: give it once, "
+                f"with every value, e.g. --config.{repeated}='(a, b)'"
+            )
         return args
     except flags.UnrecognizedFlagError as error:
         if str(error.flagname).startswith("config."):
@@ -230,6 +287,20 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(explain_unknown_key(argv, error))
     except OSError as error:
         fail(f"cannot load the --config file: {str(error).strip().splitlines()[-1].strip()}")
+    except Exception as error:  # the config file's own code failed (a syntax error, a NameError, ...)
+        fail(config_file_failed(config_argument(argv) or "", error))
+
+
+def config_file_failed(spec: str, error: Exception) -> str:
+    """One line for a --config file that does not run: which file, where, and Python's reason."""
+    path = spec.partition(":")[0]
+    if isinstance(error, SyntaxError):
+        line, reason = error.lineno, error.msg
+    else:
+        frames = [frame for frame in traceback.extract_tb(error.__traceback__) if Path(frame.filename) == Path(path)]
+        line, reason = (frames[-1].lineno if frames else None), f"{type(error).__name__}: {error}"
+    where = f" (line {line})" if line else ""
+    return f"the --config file {excerpt(path)} does not run{where}: {shorten(' '.join(reason.split()), 120)}"
 
 
 # --- keys given on the command line ---------------------------------------------------------------------------
@@ -248,6 +319,16 @@ TRUNCATION_FLAGS = {
         False: ("fixed", "full"),
     },
 }
+
+
+def repeated_tuple_key(argv: list[str], config) -> str | None:
+    """The first tuple-valued key given twice: ml_collections concatenates the values (another key given twice:
+    the later value wins, as for any absl flag)."""
+    keys = [match.group(1) for match in map(OVERRIDE_ARG.match, given_arguments(argv)) if match]
+    for key in dict.fromkeys(keys):
+        if keys.count(key) > 1 and isinstance(schema.value_at(config, key), tuple):
+            return key
+    return None
 
 
 def explicit_keys(argv: list[str]) -> set[str]:
@@ -323,7 +404,10 @@ def run_config(config, preset: str = "") -> None:
 
             before, after = (evaluation.summary() for evaluation in result)
             updates = config.num_epochs * job.batches.updates_per_epoch
-            print(hub.publish(config, preset, run_dir, updates, before, after))
+            line, uploaded = hub.publish(config, preset, run_dir, updates, before, after)
+            print(line, flush=True)
+            if not uploaded:  # everything is written; a script must still see that the upload did not happen
+                sys.exit(hub.NOT_UPLOADED)
 
 
 def absl_main(argv) -> None:
@@ -331,6 +415,7 @@ def absl_main(argv) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     try:
         check_truncation_flags(FLAGS.config, explicit_keys(sys.argv))
+        schema.check_explicit_settings(FLAGS.config, explicit_keys(sys.argv))
         run_config(FLAGS.config, preset=config_argument(sys.argv) or "")
     except UserError as error:
         fail(str(error))
@@ -359,6 +444,12 @@ def main() -> None:
         return
     argv = sys.argv = with_current_key_names(sys.argv)
     arguments = given_arguments(argv)
+    if HELP_KEYS in arguments:
+        try:
+            print(keys_text(argv), flush=True)
+        except UserError as error:
+            fail(str(error))
+        sys.exit(0)
     if any(argument in HELP_ARGS for argument in arguments):
         try:
             print(help_text(argv[0]), flush=True)

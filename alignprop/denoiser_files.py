@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from alignprop.errors import UserError
+from alignprop.written_files import give_normal_mode
 
 
 def is_denoiser_folder(path: Path) -> bool:
@@ -39,6 +40,7 @@ def save_denoiser(denoiser, folder: Path, class_name: str, state: dict[str, torc
     pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
     weights = denoiser.state_dict() if state is None else state
     save_torch_state_dict(weights, folder, filename_pattern=pattern, max_shard_size="10GB")
+    give_normal_mode(folder)  # safetensors writes owner-only files
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -30,6 +30,7 @@ CONFIG_FILES = {  # components without weights: each entry is one need, satisfie
     "feature_extractor": [("preprocessor_config.json",)],
 }
 CLIP_PROCESSOR_FILES = [("preprocessor_config.json",)]
+BERT_TOKENIZER_FILES = [("tokenizer_config.json",), ("tokenizer.json", "vocab.txt")]
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,15 @@ def reward_needs(name: str, config) -> list[Need]:
     if name in ("pickscore", "clip_score"):
         section = options[name]
         return clip_needs(f"{what}: CLIP", section.model, section.processor, tokenizer=True)
+    if name == "imagereward":
+        from alignprop.rewards.imagereward import CHECKPOINT_FILE, MED_CONFIG_FILE
+
+        ir = options.imagereward
+        return [
+            weights_file(f"{what}: checkpoint", ir.checkpoint, ir.repo, CHECKPOINT_FILE),
+            weights_file(f"{what}: med_config", ir.med_config, ir.repo, MED_CONFIG_FILE),
+            *(first_found(f"{what}: tokenizer", ir.tokenizer, files) for files in BERT_TOKENIZER_FILES),
+        ]
     if name == "combined":
         from alignprop.rewards.combined import parse_combination
 
@@ -231,6 +241,9 @@ def needs_of(config) -> list[Need]:
     if vae:
         needs += [first_found("model: vae", vae, ("config.json",)), first_found("model: vae", vae, DIFFUSERS_WEIGHTS)]
     needs += reward_needs(config.reward_fn, config)
+    for name in dict.fromkeys(part.strip() for part in config.eval_reward_fns.split(",") if part.strip()):
+        if name != config.reward_fn:  # held-out rewards (eval_reward_fns), each read as it would be as reward_fn
+            needs += reward_needs(name, config)
     return needs + prompt_needs(config)
 
 

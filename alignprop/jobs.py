@@ -16,9 +16,10 @@ from pathlib import Path
 
 from alignprop import checkpoint, evaluate, paths, runtime, soup, train
 from alignprop.batching import BatchPlan
-from alignprop.checkpoint import BASE_MODEL
+from alignprop.checkpoint import BASE_MODEL, is_base_model
 from alignprop.denoiser_files import check_denoiser_folder, is_denoiser_folder
 from alignprop.errors import UserError
+from alignprop.held_output import held_back_stderr
 from alignprop.lora_files import check_matches_config, is_original_checkpoint, read_lora
 from alignprop.rundir import DISK_FULL, cannot_write, create_run_dir, os_error_behind, write_config
 from alignprop.session import Session, build_session
@@ -41,7 +42,7 @@ def evaluation_weights(config) -> Path | None:
             "only_eval needs --config.resume_from=<run dir | checkpoint dir | LoRA dir | denoiser dir> "
             f"(or {BASE_MODEL!r} for the base model)"
         )
-    if config.resume_from == BASE_MODEL:
+    if is_base_model(config.resume_from):
         return None
     path = checkpoint.resolve_weights(config.resume_from)
     if is_denoiser_folder(path):
@@ -117,17 +118,45 @@ def final_weights(config, run_dir: Path, denoiser_name: str) -> str:
     return f"final LoRA: {run_dir / LORA_DIR}"
 
 
+def resumed_epochs(config) -> int:
+    """The epochs a resumed run has completed (0 for a new run or one starting from an original AlignProp LoRA)."""
+    if not config.resume_from or is_original_checkpoint(Path(config.resume_from)):
+        return 0
+    return checkpoint.resolve(config.resume_from).epoch
+
+
+def evaluations_in_training(config, updates: int, first_update: int = 0) -> int:
+    """How many evaluations a training run from `first_update` to `updates` makes (`train.Trainer.fit`): one before
+    its first update, one after every `vis_freq`-th update, and one after the last if that was not one of them."""
+    every = config.vis_freq if config.visualize_eval else 0
+    due = lambda update: every > 0 and update % every == 0  # noqa: E731 (Trainer.eval_due)
+    return 1 + sum(due(update) for update in range(first_update + 1, updates + 1)) + (not due(updates))
+
+
+def describe_evaluation(config, updates: int, first_update: int = 0) -> str:
+    """The start-up line's evaluation: images per evaluation, how many evaluations, the images in all."""
+    images = len(evaluate.evaluation_prompts(config))
+    count = evaluations_in_training(config, updates, first_update)
+    every = f"every {config.vis_freq} updates" if config.vis_freq > 1 else "after every update"
+    every = every if config.vis_freq > 0 and config.visualize_eval else "after training"
+    return (
+        f"evaluation: {images} images ({config.eval_prompt_fn}, eval_prompts={config.eval_prompts}) before training "
+        f"and {every}: {count} evaluations, {images * count} images"
+    )
+
+
 def describe(job: Job, config, run_dir: Path, family: str = "", denoiser_name: str = "unet") -> str:
     """The start-up lines: where things go and, for training, the batch arithmetic and the gradient path."""
     lines = [f"run directory: {run_dir}"]
     if job.kind == "train":
-        b = job.batches
+        b, first = job.batches, resumed_epochs(config)
         lines += [
             f"batches: {b.num_processes} process(es) x {b.batch_size} samples per pass x "
             f"{b.gradient_accumulation_steps} passes = {config.train.total_batch_size} samples per update; "
             f"{b.updates_per_epoch} update(s) per epoch x {config.num_epochs} epochs",
-            f"checkpoints: {run_dir / checkpoint.CHECKPOINTS_DIR} (every {config.save_freq} epochs); "
+            f"checkpoints: {run_dir / checkpoint.CHECKPOINTS_DIR} {checkpoint.describe_schedule(config, first)}; "
             f"{final_weights(config, run_dir, denoiser_name)}; metrics: {run_dir / 'metrics.jsonl'}",
+            describe_evaluation(config, config.num_epochs * b.updates_per_epoch, first * b.updates_per_epoch),
             paths.from_config(config, family).describe(),
         ]
     return "\n".join(lines)
@@ -138,7 +167,8 @@ def run_job(config) -> tuple[Job, Path, object]:
     from accelerate import PartialState
 
     job = prepare(config, runtime.process_count())
-    session = build_session(config)  # a model or reward that cannot load fails here, before any file exists
+    with held_back_stderr():  # loading bars and warnings appear only if everything loads (else: one error line)
+        session = build_session(config)  # a model or reward that cannot load fails here, before any file exists
     run_dir = shared_run_dir(config)
     if PartialState().is_main_process:
         print(describe(job, config, run_dir, session.model.name, session.model.denoiser_name), flush=True)

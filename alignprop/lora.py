@@ -8,12 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from alignprop.errors import UserError
+from alignprop.written_files import give_normal_mode, sort_safetensors_metadata
 
 
 def add_lora(denoiser, rank: int, alpha: float, target_modules) -> list[torch.nn.Parameter]:
@@ -39,8 +41,21 @@ def lora_state_dict(denoiser, state: dict | None = None) -> dict[str, torch.Tens
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser, state_dict=state))
 
 
+def adapter_metadata(denoiser) -> dict:
+    """The adapter's LoraConfig as the file header stores it, with every set as a sorted list: diffusers writes a
+    set in its iteration order, which changes with PYTHONHASHSEED, and equal weights must give equal bytes."""
+    return {
+        key: sorted(value) if isinstance(value, set) else value
+        for key, value in denoiser.peft_config["default"].to_dict().items()
+    }
+
+
 def save_lora(model, directory: Path, state: dict | None = None) -> None:
     """Write `pytorch_lora_weights.safetensors` in the model family's layout, with the adapter metadata
-    (so a reload is exact). `model`: an `alignprop.families.Family`; `state` as for `lora_state_dict`."""
+    (so a reload is exact): its bytes depend only on the weights and the config, its mode is the umask's.
+    `model`: an `alignprop.families.Family`; `state` as for `lora_state_dict`."""
     denoiser = model.denoiser
-    model.save_lora(directory, lora_state_dict(denoiser, state), denoiser.peft_config["default"].to_dict())
+    model.save_lora(directory, lora_state_dict(denoiser, state), adapter_metadata(denoiser))
+    file = Path(directory) / LORA_WEIGHT_NAME_SAFE
+    sort_safetensors_metadata(file)  # equal weights, equal bytes
+    give_normal_mode(file)

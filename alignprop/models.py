@@ -81,9 +81,8 @@ def check_model_available(model: str, revision: str) -> None:
         cached = None
     if not isinstance(cached, str):
         raise UserError(
-            f"model {excerpt(model)} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
-            "once online (hf download <id>) or give a local diffusers directory (or a single file with "
-            f"{SINGLE_FILE_CONFIG_OPTION}=DIR) as --config.pretrained.model"
+            f"model {excerpt(model)} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: run "
+            "`hf download <id>` once online, or give a local diffusers directory or single file as pretrained.model"
         )
 
 
@@ -273,10 +272,18 @@ def load_pipeline(
 
 
 def _load_vae(source: str, dtype: torch.dtype):
+    """`pretrained.vae`: its own one line when it cannot load (the model itself may be fine)."""
     from diffusers import AutoencoderKL
 
     check_model_name(source)
-    return AutoencoderKL.from_pretrained(source, dtype=dtype)
+    try:
+        return AutoencoderKL.from_pretrained(source, dtype=dtype)
+    except (OSError, HFValidationError, ValueError, KeyError, json.JSONDecodeError) as error:
+        problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        raise UserError(
+            f"cannot load pretrained.vae {excerpt(source)} ({shorten(problem, 80)}); give a hub id (cached when "
+            "offline) or a local AutoencoderKL directory, or leave it empty"
+        ) from None
 
 
 def load_model(

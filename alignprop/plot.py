@@ -31,13 +31,27 @@ class Series:
 
 @dataclass(frozen=True)
 class Panel:
-    """One plot of a figure. `categories`: the x axis names x = 0, 1, ... (e.g. runs) instead of numbers."""
+    """One plot of a figure. `categories`: the x axis names x = 0, 1, ... (e.g. runs) instead of numbers. `x_ticks`:
+    ticks at exactly these x values (e.g. a sweep's coefficients) instead of evenly spaced ones. `y_limits`: the
+    range the y axis and the error bars stay inside (e.g. the values a reward took), padding included."""
 
     title: str
     x_label: str
     y_label: str
     series: list[Series]
     categories: list[str] | None = None
+    x_ticks: list[float] | None = None
+    y_limits: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Axes:
+    """A panel's axis ranges and ticks: (value, label) pairs."""
+
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+    x_ticks: list[tuple[float, str]]
+    y_ticks: list[tuple[float, str]]
 
 
 def _span(values: list[float]) -> tuple[float, float]:
@@ -54,6 +68,34 @@ def _bounds(series: Series) -> list[float]:
     return [y + sign * e for y, e in zip(series.ys, errors) for sign in (-1, 1)]
 
 
+def _clipped(span: tuple[float, float], limits: tuple[float, float] | None) -> tuple[float, float]:
+    """`span` cut to `limits`; unchanged when that leaves nothing (limits of one value: every point is on it)."""
+    if limits is None:
+        return span
+    low, high = max(span[0], limits[0]), min(span[1], limits[1])
+    return (low, high) if high - low > 1e-12 else span
+
+
+def axes(panel: Panel) -> Axes:
+    """The ranges and ticks `draw_panel` draws for `panel`."""
+    xs = [x for series in panel.series for x in series.xs]
+    ys = [y for series in panel.series for y in _bounds(series)]
+    if panel.categories is not None:
+        x_range = (-0.5, len(panel.categories) - 0.5)
+    else:
+        x_range = _span(xs or [0.0])
+    y_range = _clipped(_span(ys or [0.0]), panel.y_limits)
+    if panel.categories is not None:
+        x_ticks = [(float(i), name) for i, name in enumerate(panel.categories)]
+    elif panel.x_ticks is not None:
+        x_ticks = [(x, f"{x:g}") for x in panel.x_ticks]
+    else:
+        x_ticks = [(x_range[0] + (x_range[1] - x_range[0]) * i / TICKS, "") for i in range(TICKS + 1)]
+        x_ticks = [(x, f"{x:.3g}") for x, _ in x_ticks]
+    y_ticks = [y_range[0] + (y_range[1] - y_range[0]) * i / TICKS for i in range(TICKS + 1)]
+    return Axes(x_range, y_range, x_ticks, [(y, f"{y:.4g}") for y in y_ticks])
+
+
 def _shortened(name: str, width: float) -> str:
     characters = max(int(width // CHAR_WIDTH), 2)
     return name if len(name) <= characters else name[: characters - 1] + "…"
@@ -62,34 +104,24 @@ def _shortened(name: str, width: float) -> str:
 def draw_panel(canvas: Image.Image, left: int, top: int, panel: Panel) -> None:
     """`panel` in the WIDTH x HEIGHT box at (left, top) of `canvas`: frame, ticks, labels, series, legend."""
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    xs = [x for series in panel.series for x in series.xs]
-    ys = [y for series in panel.series for y in _bounds(series)]
-    if panel.categories is not None:
-        x_low, x_high = -0.5, len(panel.categories) - 0.5
-    else:
-        x_low, x_high = _span(xs or [0.0])
-    y_low, y_high = _span(ys or [0.0])
+    frame = axes(panel)
+    (x_low, x_high), (y_low, y_high) = frame.x_range, frame.y_range
     plot_width, plot_height = WIDTH - MARGIN_LEFT - MARGIN_RIGHT, HEIGHT - MARGIN_TOP - MARGIN_BOTTOM
     to_x = lambda x: left + MARGIN_LEFT + (x - x_low) / (x_high - x_low) * plot_width
     to_y = lambda y: top + MARGIN_TOP + (y_high - y) / (y_high - y_low) * plot_height
     bottom = top + HEIGHT - MARGIN_BOTTOM
 
     draw.rectangle((left + MARGIN_LEFT, top + MARGIN_TOP, left + WIDTH - MARGIN_RIGHT, bottom), outline="black")
-    if panel.categories is not None:
-        slot = plot_width / max(len(panel.categories), 1)
-        x_ticks = [(i, _shortened(name, slot)) for i, name in enumerate(panel.categories)]
-    else:
-        x_ticks = [(x_low + (x_high - x_low) * i / TICKS, None) for i in range(TICKS + 1)]
-    for x_value, name in x_ticks:
+    slot = plot_width / max(len(frame.x_ticks), 1)
+    for x_value, name in frame.x_ticks:
         x = to_x(x_value)
-        text = name if name is not None else f"{x_value:.3g}"
+        text = _shortened(name, slot) if panel.categories is not None else name
         draw.line((x, bottom, x, bottom + 4), fill="black")
         draw.text((x - len(text) * CHAR_WIDTH / 2, bottom + 6), text, fill="black", font=font)
-    for i in range(TICKS + 1):
-        y_value = y_low + (y_high - y_low) * i / TICKS
+    for y_value, text in frame.y_ticks:
         y = to_y(y_value)
         draw.line((left + MARGIN_LEFT - 4, y, left + MARGIN_LEFT, y), fill="black")
-        draw.text((left + 4, y - 6), f"{y_value:.4g}", fill="black", font=font)
+        draw.text((left + 4, y - 6), text, fill="black", font=font)
     draw.text((left + MARGIN_LEFT, top + 6), panel.title, fill="black", font=font)
     draw.text((left + MARGIN_LEFT + plot_width // 3, top + HEIGHT - 20), panel.x_label, fill="black", font=font)
     draw.text((left + 4, top + MARGIN_TOP - 16), panel.y_label, fill="black", font=font)
@@ -100,7 +132,8 @@ def draw_panel(canvas: Image.Image, left: int, top: int, panel: Panel) -> None:
             draw.line(points, fill=color, width=2)
         for (px, py), y, error in zip(points, series.ys, series.errors or [0.0] * len(points)):
             if error:
-                draw.line((px, to_y(y - error), px, to_y(y + error)), fill=ERROR_BAR, width=1)
+                low, high = max(y - error, y_low), min(y + error, y_high)  # inside y_limits
+                draw.line((px, to_y(low), px, to_y(high)), fill=ERROR_BAR, width=1)
             if not series.joined or len(points) <= MAX_MARKERS:
                 draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
     labelled = [(series.label, color) for series, color in zip(panel.series, COLORS * len(panel.series))]
@@ -131,6 +164,10 @@ def line_plot(
     title: str,
     x_label: str,
     y_label: str,
+    x_ticks: list[float] | None = None,
+    y_limits: tuple[float, float] | None = None,
 ) -> None:
-    """Points (x, y) joined by a line, each with a +-error bar; axes with tick labels; saved as PNG."""
-    save_panels([Panel(title, x_label, y_label, [Series(xs, ys, errors)])], path, columns=1)
+    """Points (x, y) joined by a line, each with a +-error bar; axes with tick labels; saved as PNG. `x_ticks`,
+    `y_limits`: as `Panel`'s."""
+    panel = Panel(title, x_label, y_label, [Series(xs, ys, errors)], x_ticks=x_ticks, y_limits=y_limits)
+    save_panels([panel], path, columns=1)

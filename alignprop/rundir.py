@@ -11,7 +11,7 @@ import time
 import unicodedata
 from pathlib import Path
 
-from alignprop.errors import UserError
+from alignprop.errors import UserError, excerpt
 
 MAX_NAME_LENGTH = 80
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # EFBIG: also a file-size limit (ulimit -f)
@@ -43,7 +43,21 @@ def create_run_dir(logdir: str, run_name: str) -> Path:
             except FileExistsError:
                 candidate, suffix = root / f"{name}_{suffix}", suffix + 1
     except OSError as error:
-        raise UserError(f"cannot create the run directory under logdir={logdir!r}: {error.strerror}") from None
+        raise UserError(f"cannot create the run directory under logdir={excerpt(logdir)}: {error.strerror}") from None
+
+
+def check_logdir(logdir: str) -> None:
+    """Before anything loads (a refusal after the model loaded would come after its loading output): logdir exists
+    as a writable directory, or its nearest existing ancestor is one (create_run_dir makes the rest)."""
+    path = Path(logdir).absolute()  # as create_run_dir reads it (no ~ expansion)
+    existing = next(parent for parent in (path, *path.parents) if os.path.exists(parent))  # False on any OSError
+    if not existing.is_dir():
+        problem = f"{excerpt(str(existing))} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{excerpt(str(existing))} is not writable"
+    else:
+        return
+    raise UserError(f"cannot create the run directory under logdir={excerpt(logdir)}: {problem}")
 
 
 def write_config(run_dir: Path, text: str) -> None:

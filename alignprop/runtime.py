@@ -10,6 +10,7 @@ from alignprop.batching import BatchPlan, fill_derived_fields, plan_batches
 from alignprop.errors import UserError
 from alignprop.models import check_model_available, check_model_name, inference_dtype
 from alignprop.rewards.relative import check_relative_control
+from alignprop.rundir import check_logdir
 from alignprop.schema import TRACKERS
 from alignprop.truncation import truncation_from_config
 
@@ -78,6 +79,7 @@ def validate(config, num_processes: int) -> BatchPlan:
         except ImportError:
             raise UserError("train.use_8bit_adam=True needs bitsandbytes: pip install bitsandbytes") from None
     config.mixed_precision = effective_mixed_precision(config.mixed_precision)
+    check_logdir(config.logdir)
     check_model_name(config.pretrained.model)
     check_model_available(config.pretrained.model, config.pretrained.revision)
     rewards.check_reward_name(config.reward_fn)
@@ -90,6 +92,8 @@ def validate(config, num_processes: int) -> BatchPlan:
     check_cadence(config)
     check_finetune(config)
     batches = plan_batches(config.train, num_processes)
+    if not (config.only_eval or config.soup_inference):  # what the learning-rate schedule of a training run reaches
+        schema.check_warmup(config.train, config.num_epochs * batches.updates_per_epoch)
     fill_derived_fields(config.train, batches)
     return batches
 

@@ -24,7 +24,11 @@ Decisions on allowed values:
 - num_epochs >= 1 for every preset (evaluation ignores it; a value is still a valid one).
 - Soup options (resume_from_2, a non-default soup_mode, soup_sweep, mixing_coef_1) without
   soup_inference=True are refused with one line saying to add --config.soup_inference=True.
-- Text values: at most 200 characters and no control characters (messages quote paths and names whole).
+- Text values: at most 200 characters and no control characters (messages quote at most ~80 characters of them).
+- A setting that cannot take effect is refused, naming the key that would use it (README "When things go wrong"):
+  one under which no update changes the weights (`check_warmup`; Direct-Align's zero or overflowing discounts), one
+  the chosen mode never reads (`check_ignored_settings`), and, when typed on the command line, a knob of a gradient
+  path or loss that is not selected (`check_explicit_settings`: a preset sets every path's knobs).
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ MAX_TEXT = 200  # characters of any text value (paths, hub ids, names)
 MAX_NAME = 64  # characters of a value chosen from a list
 MAX_INT = 10**9  # every integer has an upper bound: a 400-digit number must not reach a message whole
 SOUP_RANGE = (-1.0, 2.0)  # soup coefficients; outside [0, 1] warns
+# Direct-Align's discounts (SRPO: 0.01 to 0.3): a loss weight of 1e300 makes every loss inf and skips every update.
+MAX_DISCOUNT = 1000.0
 
 
 def _is_int(value) -> bool:
@@ -304,6 +310,12 @@ def _direct_align():
     return direct_align
 
 
+def _diversity_encoders():
+    from alignprop.diversity import ENCODER_CHOICES
+
+    return ENCODER_CHOICES
+
+
 def _lr_schedulers():
     # diffusers.optimization's names except piecewise_constant (its step rules are a setting we do not expose);
     # cosine_with_restarts runs diffusers' default of one cycle, polynomial its default power 1.
@@ -311,6 +323,9 @@ def _lr_schedulers():
 
 
 EVAL_PROMPT_MODES = ("all", "original")
+BLANK_PROMPT_MODES = ("skip", "keep")  # prompts.py: blank lines of a prompt file skipped | kept as empty prompts
+SAVE_SCHEDULES = ("periodic", "original")  # checkpoint.save_due: every save_freq-th epoch and the last | the original's
+EVAL_SEEDINGS = ("sequential", "per_prompt")  # evaluate.evaluation_latents
 TRACKERS = ("none", "wandb", "tensorboard")  # runtime.validate then checks that the package is installed
 FINETUNE_MODES = ("lora", "full")  # trainable.py: a LoRA adapter | every denoiser weight
 SHARDING_MODES = ("none", "fsdp")  # sharding.py: every process holds the denoiser | FSDP2 shards it
@@ -328,11 +343,30 @@ def _one_path_component(name: str) -> None:
 def _check_eval_reward_names(names: str) -> None:
     from alignprop.rewards import REGISTRY
 
+    seen = set()
     for name in (part.strip() for part in names.split(",") if names.strip()):
         if name not in REGISTRY:
             raise UserError(
                 f"eval_reward_fns: unknown reward {excerpt(name)}; choose from: {', '.join(sorted(REGISTRY))}"
             )
+        if name in seen:
+            raise UserError(f"eval_reward_fns names {name!r} twice: give each reward once")
+        seen.add(name)
+
+
+def _check_hub_model_id(repo_id: str) -> None:
+    """A hub repo id ("name" or "namespace/name", as huggingface_hub accepts it), or empty."""
+    if not repo_id:
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(
+            f"hub_model_id={excerpt(repo_id)} is not a hub repo id: 'name' or 'namespace/name' of letters, digits, "
+            "'-', '_', '.' (at most 96 characters)"
+        ) from None
 
 
 def _check_reward_name(name: str) -> None:
@@ -356,6 +390,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "run_name": Text(note="empty: a timestamp"),
     "num_epochs": Int(1),
     "save_freq": Int(0, note="0: no checkpoints"),
+    "save_schedule": Text(choices=lambda: SAVE_SCHEDULES),
     "num_checkpoint_limit": Int(1),
     "mixed_precision": Text(choices=_precisions),
     "allow_tf32": Flag(),
@@ -364,8 +399,8 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "tracker": Text(choices=lambda: TRACKERS),
     "max_nonfinite_in_a_row": Int(1),
     # resume / evaluate / soup
-    "resume_from": Text(note="a run, checkpoint or LoRA directory, or 'stablediffusion'"),
-    "resume_from_2": Text(note="a run, checkpoint or LoRA directory, or 'stablediffusion'"),
+    "resume_from": Text(note="a run, checkpoint or LoRA directory, or 'base' (also 'stablediffusion')"),
+    "resume_from_2": Text(note="a run, checkpoint or LoRA directory, or 'base' (also 'stablediffusion')"),
     "mixing_coef_1": SOUP_COEFFICIENT,
     "soup_inference": Flag(),
     "soup_mode": Text(choices=lambda: SOUP_MODES),
@@ -374,6 +409,9 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "same_evaluation": Flag(),
     "eval_images_per_prompt": Int(1),
     "eval_prompts": Text(choices=lambda: EVAL_PROMPT_MODES),
+    "blank_prompts": Text(choices=lambda: BLANK_PROMPT_MODES),
+    "eval_seeding": Text(choices=lambda: EVAL_SEEDINGS),
+    "eval_diversity_encoder": Text(choices=_diversity_encoders),
     # visualisation
     "vis_freq": Int(0, note="0: before and after only"),
     "max_vis_images": Int(0),
@@ -421,10 +459,10 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "gradient_paths.direct_align.levels": Text(choices=lambda: _direct_align().LEVELS),
     "gradient_paths.direct_align.gap": Int(1, 499),
     "gradient_paths.direct_align.noise": Pair(Number(0, 1, low_open=True, high_open=True), ordered=True),
-    "gradient_paths.direct_align.discount": Pair(Number(0, None)),
+    "gradient_paths.direct_align.discount": Pair(Number(0, MAX_DISCOUNT)),
     "gradient_paths.direct_align.noise_source": Text(choices=lambda: _direct_align().NOISE_SOURCES),
     "gradient_paths.direct_align.branch": Text(choices=lambda: _direct_align().BRANCHES),
-    "gradient_paths.direct_align.inversion_discount": Pair(Number(0, None)),
+    "gradient_paths.direct_align.inversion_discount": Pair(Number(0, MAX_DISCOUNT)),
     "gradient_paths.leapalign.alpha": Number(0, 1),
     "gradient_paths.leapalign.tau": POSITIVE,
     "gradient_paths.leapalign.uncond_gradient": Flag(),
@@ -516,6 +554,10 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "rewards.pickscore.processor": SOURCE,
     "rewards.clip_score.model": SOURCE,
     "rewards.clip_score.processor": OPTIONAL_SOURCE,
+    "rewards.imagereward.checkpoint": Text(note="empty: fetched from rewards.imagereward.repo"),
+    "rewards.imagereward.med_config": Text(note="empty: fetched from rewards.imagereward.repo"),
+    "rewards.imagereward.repo": SOURCE,
+    "rewards.imagereward.tokenizer": SOURCE,
     "rewards.toyworld.classifier": Text(note="empty: the shipped one"),
     "rewards.toyworld.colour_target": Text(choices=_colour_targets),
     "rewards.toyworld.colour_temperature": POSITIVE,
@@ -525,7 +567,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "rewards.relative_control": Names(what="two control phrases (positive, negative)", empty=True),
     # publishing
     "push_to_hub": Flag(),
-    "hub_model_id": Text(note="empty: the run directory's name"),
+    "hub_model_id": Text(validate=_check_hub_model_id, limit=MAX_TEXT, note="empty: the run directory's name"),
 }
 
 # Options that only the soup reads, with the values that mean "not asked for".
@@ -540,6 +582,15 @@ def leaves(config, prefix: str = "") -> Iterator[tuple[str, object]]:
             yield from leaves(value, f"{name}.")
         else:
             yield name, value
+
+
+def value_at(config, key: str):
+    """config's value at a dotted key (None where there is none)."""
+    for part in key.split("."):
+        if not hasattr(config, "keys") or part not in config:
+            return None
+        config = config[part]
+    return config
 
 
 def check_value(key: str, value) -> None:
@@ -559,8 +610,10 @@ def check(config) -> None:
     check_soup(config)
     check_combination(config)
     check_eval_prompts(config)
+    check_diversity_encoder(config)
     check_push_to_hub(config)
     check_single_file_config(config)
+    check_ignored_settings(config)
 
 
 def check_single_file_config(config) -> None:
@@ -570,6 +623,56 @@ def check_single_file_config(config) -> None:
     pretrained = config.get("pretrained") or {}
     if pretrained.get("config") and not str(pretrained.get("model", "")).endswith(SINGLE_FILE_SUFFIXES):
         raise UserError(SINGLE_FILE_CONFIG_ALONE.format(model=excerpt(pretrained.get("model", ""))))
+
+
+# --- settings the run would ignore (README "When things go wrong": refused, each with the key that uses them) ------
+
+
+def check_ignored_settings(config) -> None:
+    """Values that the chosen mode never reads, or that make them do nothing, refused in one line each."""
+    if config.get("hub_model_id") and not config.get("push_to_hub"):
+        raise UserError("hub_model_id names the repo that push_to_hub publishes to: add --config.push_to_hub=True")
+    train = config.get("train") or {}
+    if train.get("lr_scheduler") == "constant" and train.get("lr_warmup_steps", 0) > 0:
+        raise UserError(
+            "train.lr_scheduler='constant' has no warmup, so train.lr_warmup_steps is ignored: use "
+            "'constant_with_warmup' (or another schedule), or lr_warmup_steps=0"
+        )
+    if config.get("visualize_train") and config.get("max_vis_images", 1) < 1:
+        raise UserError("visualize_train saves the first max_vis_images training images: max_vis_images=0 saves none")
+    eval_names = [name.strip() for name in str(config.get("eval_reward_fns", "")).split(",")]
+    if config.get("reward_fn") in eval_names:
+        raise UserError(
+            f"eval_reward_fns names the training reward {config.reward_fn!r}, which every evaluation scores already "
+            "(reward_mean): drop it from eval_reward_fns"
+        )
+
+
+def check_explicit_settings(config, explicit: set[str]) -> None:
+    """Keys given on the command line (`explicit`: dotted names) that the chosen gradient path or loss never reads:
+    refused, naming the key that would use them. (A preset sets every path's knobs; only what is typed is a
+    mistake worth a line.)"""
+    for key in sorted(explicit):
+        section, _, knob = key.removeprefix("gradient_paths.").partition(".")
+        if key.startswith("gradient_paths.") and knob and section != config.get("gradient_path"):
+            raise UserError(
+                f"--config.{key} is a knob of gradient_path={section!r}, but gradient_path="
+                f"{config.get('gradient_path')!r}: add --config.gradient_path={section} or drop it"
+            )
+        if key == "reward_threshold" and config.get("reward_loss") != "threshold":
+            raise UserError(
+                "--config.reward_threshold is read by reward_loss='threshold' only: add "
+                "--config.reward_loss=threshold or drop it"
+            )
+
+
+def check_warmup(train, total_updates: int) -> None:
+    """A warmup at least as long as the run keeps the learning rate below train.learning_rate throughout."""
+    if train.lr_scheduler != "constant" and train.lr_warmup_steps >= total_updates:
+        raise UserError(
+            f"train.lr_warmup_steps={train.lr_warmup_steps} >= the run's {total_updates} updates: the learning rate "
+            "never reaches train.learning_rate; use fewer warmup steps (or more epochs)"
+        )
 
 
 def check_push_to_hub(config) -> None:
@@ -591,6 +694,24 @@ def check_eval_prompts(config) -> None:
         raise UserError(
             "eval_images_per_prompt applies to eval_prompts='all'; eval_prompts='original' draws "
             "train.batch_size_per_gpu_available x max_vis_images prompts instead: set one or the other"
+        )
+    if config.get("eval_prompts") == "original" and config.get("eval_seeding") == "per_prompt":
+        raise UserError(
+            "eval_seeding='per_prompt' seeds image i of prompt p of the eval file; eval_prompts='original' draws "
+            "prompts at random instead: use eval_prompts='all' or eval_seeding='sequential'"
+        )
+
+
+def check_diversity_encoder(config) -> None:
+    """A named diversity encoder is the image tower of one of the run's rewards: it must be built."""
+    name = config.get("eval_diversity_encoder", "auto")
+    if name in ("auto", "off"):
+        return
+    built = {config.get("reward_fn"), *(part.strip() for part in str(config.get("eval_reward_fns", "")).split(","))}
+    if name not in built:
+        raise UserError(
+            f"eval_diversity_encoder={name!r} uses the image encoder of that reward, which this run does not build: "
+            f"add it to eval_reward_fns, or use 'auto' or 'off'"
         )
 
 
@@ -623,6 +744,11 @@ def check_combination(config) -> None:
     if "rewards" not in config or "combination" not in config.rewards:
         return
     text = config.rewards.combination
+    evaluated = [name.strip() for name in str(config.get("eval_reward_fns", "")).split(",")]
+    if not text and "combined" in evaluated:
+        raise UserError(
+            "eval_reward_fns names 'combined', which needs rewards.combination, e.g. 'aesthetic:1.0,hps:0.5'"
+        )
     if not text and config.get("reward_fn") != "combined":
         return
     from alignprop.rewards.combined import parse_combination

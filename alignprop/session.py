@@ -18,7 +18,7 @@ from accelerate.utils import ProjectConfiguration
 from alignprop import models, paths, quantization
 from alignprop.errors import UserError
 from alignprop.families import Family
-from alignprop.prompts import load_prompts
+from alignprop.prompts import configured_prompts
 from alignprop.rewards import Reward, build_reward
 from alignprop.sampling import sampling_options_from_config
 
@@ -84,7 +84,8 @@ def configure_model(model: Family, config, device: torch.device) -> None:
     if config.compile_denoiser != "off":
         model.compile_denoiser(config.compile_denoiser)
     if config.offload_text_encoders:  # every prompt the run can meet, encoded once
-        model.offload_text_encoders(load_prompts(config.prompt_fn) + load_prompts(config.eval_prompt_fn))
+        prompts = configured_prompts(config, config.prompt_fn) + configured_prompts(config, config.eval_prompt_fn)
+        model.offload_text_encoders(prompts)  # blank_prompts="keep": the empty prompt too
 
 
 def check_image_size(name: str, reward: Reward, size: tuple[int, int]) -> None:

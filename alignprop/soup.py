@@ -1,7 +1,8 @@
 """Model soup: evaluate a mix of two LoRAs or full fine-tunings (or of one and the base model) at one or many
 coefficients.
 
-Two modes, for A = resume_from, B = resume_from_2 ("stablediffusion": no LoRA) and c = the coefficient:
+Two modes, for A = resume_from, B = resume_from_2 ("base", or the original's "stablediffusion": the base model, no
+LoRA) and c = the coefficient:
 
 - "params" (the original's): every LoRA tensor is mixed, c*A + (1-c)*B, and the result is used as one
   LoRA. Both factors of each update (down and up) are scaled, so the weight delta is *not* linear in c:
@@ -25,12 +26,12 @@ from pathlib import Path
 import torch
 
 from alignprop import checkpoint
-from alignprop.checkpoint import BASE_MODEL
+from alignprop.checkpoint import BASE_MODEL, is_base_model
 from alignprop.denoiser_files import check_fits, is_denoiser_folder, read_denoiser_state
 from alignprop.errors import UserError
 from alignprop.evaluate import EvalResult, evaluation_context, evaluator_for, log_to_trackers, write_evaluation
 from alignprop.lora_files import LoraWeights, add_adapter, check_same_layout, copy_into_adapter, read_lora
-from alignprop.plot import line_plot
+from alignprop.plot import Panel, Series, save_panels
 from alignprop.schema import SOUP_MODES, parse_coefficient
 from alignprop.session import start_trackers
 
@@ -83,7 +84,7 @@ def prepare(config) -> SoupInputs:
         raise UserError(f"soup_mode={config.soup_mode!r}; choose one of: {', '.join(SOUP_MODES)}")
     coefficients = parse_coefficients(config)
     a = read_source(config.resume_from, "resume_from")
-    b = None if config.resume_from_2 == BASE_MODEL else read_source(config.resume_from_2, "resume_from_2", True)
+    b = None if is_base_model(config.resume_from_2) else read_source(config.resume_from_2, "resume_from_2", True)
     if b is not None and type(a) is not type(b):
         kinds = {LoraWeights: "a LoRA", DenoiserWeights: "a whole denoiser (train.finetune=full)"}
         raise UserError(
@@ -178,15 +179,22 @@ def write_table(rows: list[dict], directory: Path, context: dict) -> None:
         writer.writeheader()
         writer.writerows(rows)
     (directory / f"{TABLE_NAME}.json").write_text(json.dumps({**context, "rows": rows}, indent=2) + "\n")
+    save_panels([soup_panel(rows, context)], directory / f"{TABLE_NAME}.png", columns=1)
+
+
+def soup_panel(rows: list[dict], context: dict) -> Panel:
+    """Reward mean +- std against the coefficient: a tick at each coefficient swept, the y axis inside the range the
+    images' rewards took (`context["reward_range"]`; a bounded reward's std bar would run past its bounds)."""
     ordered = sorted(rows, key=lambda row: row["coefficient"])
-    line_plot(
-        [row["coefficient"] for row in ordered],
-        [row["reward_mean"] for row in ordered],
-        [row["reward_std"] for row in ordered],
-        directory / f"{TABLE_NAME}.png",
-        title=f"soup ({context['soup_mode']}): {context['reward_fn']} reward vs mixing_coef_1",
-        x_label="mixing_coef_1 (weight of resume_from)",
-        y_label="reward (mean +- std)",
+    coefficients = [row["coefficient"] for row in ordered]
+    series = Series(coefficients, [row["reward_mean"] for row in ordered], [row["reward_std"] for row in ordered])
+    return Panel(
+        f"soup ({context['soup_mode']}): {context['reward_fn']} reward vs mixing_coef_1",
+        "mixing_coef_1 (weight of resume_from)",
+        "reward (mean +- std)",
+        [series],
+        x_ticks=coefficients,
+        y_limits=tuple(context["reward_range"]) if "reward_range" in context else None,
     )
 
 
@@ -199,7 +207,7 @@ def run_soup(session, config, batch_size: int, run_dir: Path, inputs: SoupInputs
     evaluator = evaluator_for(session, config, batch_size)
     start_trackers(session, config, run_dir)
     soup = make_soup(session.model.denoiser, inputs)
-    accelerator, rows = evaluator.accelerator, []
+    accelerator, rows, low, high = evaluator.accelerator, [], float("inf"), float("-inf")
     b_name = BASE_MODEL if inputs.b is None else str(inputs.b.source)
     context = {
         **evaluation_context(config, str(inputs.a.source), "soup"),
@@ -215,7 +223,8 @@ def run_soup(session, config, batch_size: int, run_dir: Path, inputs: SoupInputs
             summary = write_evaluation(result, run_dir / name, {**context, "mixing_coef_1": coefficient})
             log_to_trackers(accelerator, "soup", {"mixing_coef_1": coefficient, **summary}, None, step=step)
             rows.append(table_row(coefficient, inputs.mode, result, name))
+            low, high = min(low, result.rewards.min().item()), max(high, result.rewards.max().item())
     if accelerator.is_main_process:
-        write_table(rows, run_dir, context)
+        write_table(rows, run_dir, {**context, "reward_range": [low, high]})  # the images' lowest and highest
     accelerator.end_training()
     return rows

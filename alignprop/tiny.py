@@ -22,6 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from alignprop.cache import cache_root
 from alignprop.toyworld import components
 from alignprop.toyworld.vocab import bytes_to_unicode
+from alignprop.written_files import give_normal_mode
 
 # Bump when anything below changes so stale caches are rebuilt, never reused.
 TINY_VERSION = "tiny-sd-v1"
@@ -99,6 +100,7 @@ def _build_once(target: Path, builder: Callable[[Path], DiffusionPipeline]) -> P
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         builder(staging).save_pretrained(staging / "pipeline")
+        give_normal_mode(staging / "pipeline")  # a shared cache: readable as any file the process writes
         try:
             (staging / "pipeline").rename(target)
         except OSError:  # another process finished first; its copy is identical

@@ -48,7 +48,7 @@ from alignprop.lora_files import copy_into_adapter, is_original_checkpoint, read
 from alignprop.nonfinite import NonFiniteGuard, all_finite, optimizer_tensors
 from alignprop.pause import pause_point
 from alignprop.prefix import run_prefixes
-from alignprop.prompts import load_prompts
+from alignprop.prompts import configured_prompts
 from alignprop.randomness import RandomStreams, global_state, preserved_global_state, set_global_state
 from alignprop.rewards import RewardResult
 from alignprop.rewards.shaping import shaper_from_config
@@ -164,7 +164,7 @@ class Trainer:
         self.options = sampling_options_from_config(config)
         self.path = paths.from_config(config, self.model.name)
         self.shape_loss = shaper_from_config(config)  # the reward's loss, or ReFL/SRPO's threshold form
-        self.prompts = load_prompts(config.prompt_fn)
+        self.prompts = configured_prompts(config, config.prompt_fn)
         self.evaluator = evaluator_for(session, config, batches.batch_size, lockstep=self.sharded)
         self.random = RandomStreams.seeded(config.seed, self.accelerator.process_index, shared_plans=self.sharded)
         self.guard = NonFiniteGuard(self.accelerator, config.max_nonfinite_in_a_row)
@@ -275,6 +275,7 @@ class Trainer:
             "update": self.update,
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std(unbiased=False).item(),
+            **self.original_rewards_std(scored),
             "loss": self.accelerator.reduce(torch.stack([o.loss.detach() for o in scored]).mean(), "mean").item(),
             "grad_norm": float(grad_norm),
             "skipped_nonfinite": not stepped,
@@ -294,6 +295,15 @@ class Trainer:
             values = torch.cat([out.result.metrics[name].float().to(device) for out in scored])
             record[f"{name}_mean"] = gather(values).mean().item()
         return record
+
+    def original_rewards_std(self, scored: list[Scored]) -> dict:
+        """The original's `rewards_std`: the unbiased std of each micro-batch's rewards, averaged over the update's
+        micro-batches and the processes (mihirp1998/AlignProp @ 7f4503f, main.py, lines 510, 519, 570-571). Not
+        logged with one sample per micro-batch (undefined there; the original logged NaN)."""
+        if self.batches.batch_size < 2:
+            return {}
+        stds = torch.stack([out.result.reward.detach().float().std() for out in scored]).mean()
+        return {"rewards_std": self.accelerator.reduce(stds.to(self.accelerator.device), "mean").item()}
 
     # --- the run ------------------------------------------------------------------------------------
 
@@ -374,10 +384,16 @@ class Trainer:
         return config.visualize_eval and config.vis_freq > 0 and self.update % config.vis_freq == 0
 
     def reseed_training_noise(self) -> None:
-        """original_training_noise: the original reseeded the generator its training latents came from with `seed`
-        in every evaluation, on every process alike, so every update after an evaluation drew the same latents."""
-        if self.config.original_training_noise:
+        """original_training_noise: the original's evaluation (same_evaluation) reseeded the generator its training
+        latents came from with `seed` (`torch.cuda.manual_seed` returns None: its `generator=` was that default
+        generator) and drew its latents from it first; training went on after that draw, alike on every process
+        (mihirp1998/AlignProp @ 7f4503f, main.py, lines 442 and 538-542). So the stream is reseeded, then advanced
+        past one draw of the evaluation set's size in the shape and dtype the evaluation draws (`seeded_latents`)."""
+        if not self.config.original_training_noise:
+            return
+        if self.config.same_evaluation:
             self.random.latents.manual_seed(self.config.seed)
+        initial_latents(len(self.evaluator.prompts), self.model, self.random.latents)  # the evaluation's draw
 
     # --- training samples (visualize_train) ---------------------------------------------------------
 
@@ -421,8 +437,7 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------------
 
     def checkpoint_due(self) -> bool:
-        save_freq = self.config.save_freq
-        return save_freq > 0 and (self.epoch % save_freq == 0 or self.epoch == self.config.num_epochs)
+        return checkpoint.save_due(self.config, self.epoch)  # the schedule the start-up line prints
 
     def gathered_weights(self) -> dict | None:
         """Sharded: the denoiser's state dict (LoRA: its trained tensors) gathered on the main process (every process

@@ -21,6 +21,7 @@ PRESETS = (
     "hps_flux_24gb",
     "evaluate",
     "evaluate_soup",
+    "evaluate_hpdv2",
     "tiny",
     "tiny_flow",
 )
@@ -59,6 +60,12 @@ def reward_options():
     clip_score.model = "openai/clip-vit-large-patch14"
     clip_score.processor = ""  # empty: model
 
+    rewards.imagereward = imagereward = ml_collections.ConfigDict()  # ImageReward v1.0 (BLIP + MLP head)
+    imagereward.checkpoint = ""  # local ImageReward.pt; empty: fetched from `repo`
+    imagereward.med_config = ""  # local med_config.json (its BERT config); empty: fetched from `repo`
+    imagereward.repo = "THUDM/ImageReward"
+    imagereward.tokenizer = "google-bert/bert-base-uncased"  # hub id or local directory
+
     # The toy world's rewards (toyworld_colour / _shape / _area / _position; alignprop/toyworld/rewards.py).
     rewards.toyworld = toyworld = ml_collections.ConfigDict()
     toyworld.classifier = ""  # shape classifier .safetensors; empty: the shipped one
@@ -84,6 +91,9 @@ def general():
     config.run_name = ""  # empty: a timestamp
     config.num_epochs = 100
     config.save_freq = 4  # epochs between checkpoints (logs/RUN/checkpoints/checkpoint_EPOCH); 0: none
+    # "periodic": after every save_freq-th completed epoch and the last; "original": the original code's, when the
+    # 0-based epoch index is a multiple of save_freq (after epochs 1, 1 + save_freq, ...; not necessarily the last).
+    config.save_schedule = "periodic"
     config.num_checkpoint_limit = 10  # keep the newest this many
     config.mixed_precision = "fp16"  # "fp16" | "bf16" | "no"
     config.allow_tf32 = True
@@ -101,9 +111,9 @@ def general():
     # --- resume / evaluate / soup ---
     # resume_from: a run directory (its newest complete checkpoint) or one checkpoint directory; training
     # resumes after that checkpoint's epoch, into a new run directory. With only_eval: the LoRA to evaluate
-    # (also a LoRA directory or .safetensors file, or "stablediffusion" for the base model).
+    # (also a LoRA directory or .safetensors file, or "base" for the base model; the original's "stablediffusion" too).
     config.resume_from = ""
-    config.resume_from_2 = ""  # soup: the second checkpoint, or "stablediffusion" for the base model
+    config.resume_from_2 = ""  # soup: the second checkpoint, or "base" (also "stablediffusion") for the base model
     config.mixing_coef_1 = 0.0  # soup: weight of resume_from (resume_from_2 gets 1 - mixing_coef_1)
     config.soup_inference = False
     config.soup_mode = "params"  # "params": coef*A + (1-coef)*B per LoRA tensor (the original's);
@@ -113,8 +123,19 @@ def general():
     config.same_evaluation = True  # fixed-seed evaluation latents
     config.eval_images_per_prompt = 1  # eval_prompts="all": images per prompt of eval_prompt_fn (each its own latent)
     # "all": every line of eval_prompt_fn (x eval_images_per_prompt); "original": the original code's set, drawn once
-    # at start: batch_size_per_gpu_available x max_vis_images prompts at random with replacement (seeded by `seed`).
+    # at start: batch_size_per_gpu_available x max_vis_images prompts at random with replacement, the very list the
+    # original's main process drew with `seed` (alignprop/evaluate.py: original_prompt_draw).
     config.eval_prompts = "all"
+    # Blank lines of prompt files: "skip" them, or "keep" them as empty prompts (the original code's reading).
+    config.blank_prompts = "skip"
+    # Evaluation latents: "sequential" = entry k of the evaluation set gets latent k of one CPU generator seeded with
+    # `seed`; "per_prompt" = FlowBP's protocol, image i of prompt p from its own CPU generator seeded with
+    # seed + p + i x (number of prompts) (needs eval_prompts="all"; README "Evaluate a checkpoint").
+    config.eval_seeding = "sequential"
+    # CLIP image encoder of the diversity numbers of every evaluation (alignprop/diversity.py): "auto" = the first of
+    # clip_score, pickscore, hps, aesthetic (toy world: toyworld_shape's classifier) among the run's rewards; a name of
+    # one of them; "off".
+    config.eval_diversity_encoder = "auto"
 
     # --- visualisation ---
     config.vis_freq = 1  # optimizer updates between evaluations during training (0: before and after only)
@@ -241,8 +262,9 @@ def general():
     lagrange.uncond_gradient = False
     # --- end FlowBP knobs ---
     # The original's training noise: every evaluation reseeded the generator the training latents come from with
-    # `seed`, so with vis_freq=1 every update after the first drew the same latents, on every process. Off: fresh
-    # latents from per-process streams (README: differences from the original code).
+    # `seed` and drew its latents from it first, so with vis_freq=1 every update after the first drew the same
+    # latents (those after the evaluation's), on every process. Off: fresh latents from per-process streams (README:
+    # differences from the original code).
     config.original_training_noise = False
     # Memory for large models (SDXL, SD3, FLUX): encode every prompt once and move the text encoders to the
     # CPU; decode the VAE in tiles / one image at a time (diffusers' enable_tiling / enable_slicing).
@@ -338,8 +360,24 @@ def _paper_finetune(config, reward_fn, prompt_fn, eval_prompt_fn, num_epochs):
     config.truncated_backprop_rand = True
     config.truncated_backprop_minmax = (0, 50)
     config.trunc_backprop_timestep = 40  # unused while random, as in the original
-    config.rewards.preprocess = "original"  # the original's reward inputs (README: differences from the original)
-    config.eval_prompts = "original"  # the original's evaluation set
+    return _original_code(config)
+
+
+def _original_code(config):
+    """The original code's behaviour wherever a switch exists (README: differences from the original code)."""
+    config.rewards.preprocess = "original"  # its reward inputs
+    config.eval_prompts = "original"  # its evaluation set
+    config.blank_prompts = "keep"  # its prompt files' blank lines
+    config.original_training_noise = True  # its training latents after every evaluation
+    config.save_schedule = "original"  # its checkpoint epochs
+    return config
+
+
+def _new_model(config):
+    """A paper preset moved to a new model: fresh training noise, no blank prompts, the periodic save schedule."""
+    config.original_training_noise = False
+    config.blank_prompts = "skip"
+    config.save_schedule = "periodic"
     return config
 
 
@@ -379,6 +417,7 @@ def _sdxl(config):
     config.mixed_precision = "bf16"  # SDXL's VAE overflows in fp16 (or fp16 with pretrained.vae=<fp16-fix VAE>)
     config.sd_guidance_scale = 5.0  # StableDiffusionXLPipeline's default
     config.rewards.preprocess = "processor"  # a new model: the reward models' own preprocessing
+    _new_model(config)
     # Memory at 1024 px: one sample per pass, text encoders encoded once and moved off, VAE decode
     # checkpointed and sliced, frozen networks in bf16 with autocast off.
     config.train.batch_size_per_gpu_available = 1
@@ -389,16 +428,27 @@ def _sdxl(config):
     return config
 
 
+def _held_out_evaluation(config, images_per_prompt, every):
+    """The big presets' evaluation: every prompt of the held-out eval_prompt_fn (none of them trained on),
+    `images_per_prompt` each on fixed latents, before training and every `every` updates, instead of the original's
+    batch_size_per_gpu_available x max_vis_images prompts drawn with replacement (1 x 2 images at batch 1). README
+    "Presets" gives each preset's count (`python -m experiments.preset_evaluations`)."""
+    config.eval_prompts = "all"
+    config.eval_images_per_prompt = images_per_prompt
+    config.vis_freq = every
+    return config
+
+
 def aesthetic_sdxl():
     """aesthetic on SDXL base 1.0 (1024 px, bf16): a starting point, not tuned."""
-    return _sdxl(aesthetic())
+    return _held_out_evaluation(_sdxl(aesthetic()), images_per_prompt=4, every=7)  # 6 animals x 4, 3 evaluations
 
 
 def hps_sdxl():
     """HPS v2.1 on SDXL base 1.0 (1024 px, bf16), as DRTune's FDXL: a starting point, not tuned."""
     config = _sdxl(hps())
     config.rewards.hps.version = "v2.1"
-    return config
+    return _held_out_evaluation(config, images_per_prompt=1, every=50)  # the 50 HPSv2 evaluation captions
 
 
 # diffusers' train_dreambooth_lora_sd3.py default (the FLUX script's attention subset): the image stream's and the
@@ -422,6 +472,7 @@ def _flow(config, model, steps, guidance):
     config.mixed_precision = "bf16"
     config.rewards.hps.version = "v2.1"
     config.rewards.preprocess = "processor"
+    _new_model(config)
     config.steps = steps
     config.sd_guidance_scale = guidance
     config.eta = 0.0  # flow matching: the deterministic Euler step
@@ -443,12 +494,14 @@ def _flow(config, model, steps, guidance):
 
 def hps_sd35():
     """HPS v2.1 on SD3.5 Medium (1024 px, bf16, 40 steps, CFG 4.5, K=1, LoRA 32): a starting point, not tuned."""
-    return _flow(hps(), "stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5)
+    config = _flow(hps(), "stabilityai/stable-diffusion-3.5-medium", steps=40, guidance=4.5)
+    return _held_out_evaluation(config, images_per_prompt=1, every=50)  # the 50 HPSv2 evaluation captions
 
 
 def hps_flux():
     """HPS v2.1 on FLUX.1-dev (1024 px, bf16, 25 steps, guidance 3.5 embedded, K=1, LoRA 32): not tuned."""
-    return _flow(hps(), "black-forest-labs/FLUX.1-dev", steps=25, guidance=3.5)
+    config = _flow(hps(), "black-forest-labs/FLUX.1-dev", steps=25, guidance=3.5)
+    return _held_out_evaluation(config, images_per_prompt=1, every=50)  # the 50 HPSv2 evaluation captions
 
 
 def _full_fine_tuning(config, guidance):
@@ -518,15 +571,14 @@ def hps_flux_24gb():
 
 
 def evaluate():
-    """Evaluate --config.resume_from (a run, a LoRA, or stablediffusion) on 6 unseen animals, aesthetic reward."""
+    """Evaluate --config.resume_from (a run, a LoRA, or base) on 6 unseen animals, aesthetic reward."""
     config = general()
     config.only_eval = True
     config.reward_fn = "aesthetic"
     config.prompt_fn = "eval_simple_animals"
     config.eval_prompt_fn = "eval_simple_animals"
     config.max_vis_images = 10
-    config.rewards.preprocess = "original"
-    config.eval_prompts = "original"  # 4 x 10 prompts drawn with replacement, as the original evaluated
+    _original_code(config)  # eval_prompts="original": 4 x 10 prompts drawn with replacement, as the original evaluated
     return config
 
 
@@ -536,6 +588,29 @@ def evaluate_soup():
     config.soup_inference = True
     config.prompt_fn = "simple_animals"
     config.eval_prompt_fn = "simple_animals"
+    return config
+
+
+def evaluate_hpdv2():
+    """Evaluate any model as FlowBP does: its 400 HPDv2 test prompts, 1 image each, seed 42 + prompt index.
+
+    The base model: --config.pretrained.model=ID; a trained one: also --config.resume_from=RUN (or a LoRA). Scored
+    by HPS v2.1 (the reward) and PickScore, CLIP score and ImageReward (held out). Sampling settings and size are the
+    model's as the user trains it: set --config.resolution, --config.steps, --config.sd_guidance_scale as in training.
+    """
+    config = general()
+    config.only_eval = True
+    config.resume_from = "base"  # the base model, unless a run or LoRA is given
+    config.prompt_fn = "hpdv2_test"
+    config.eval_prompt_fn = "hpdv2_test"
+    config.eval_prompts = "all"
+    config.eval_images_per_prompt = 1
+    config.eval_seeding = "per_prompt"  # image of prompt p from seed + p (FlowBP's eval seeding)
+    config.seed = 42
+    config.reward_fn = "hps"
+    config.rewards.hps.version = "v2.1"
+    # Held-out rewards (hps is the reward above: loaded once).
+    config.eval_reward_fns = "pickscore,clip_score,imagereward"
     return config
 
 

@@ -80,6 +80,11 @@ UNKNOWN_KEYS = {
     "--config.gradient_paths.refl_last_step=(1,2)": (  # a former flat name, mistyped: the suggestion is the new key
         "unknown config key 'gradient_paths.refl.last_step'; did you mean 'gradient_paths.refl.last_steps'?"
     ),
+    "--config.log_with=wandb": "unknown config key 'log_with'; did you mean 'tracker'?",  # accelerate's name
+    "--config.refl_last_steps=(1,5)": (  # flat, at the top: the key it spells
+        "unknown config key 'refl_last_steps'; did you mean 'gradient_paths.refl.last_steps'?"
+    ),
+    "--config.rank=8": "unknown config key 'rank'; did you mean 'lora.rank'?",
     "--config.fold_lora=True": "config key 'fold_lora' was removed: it gave no measurable speed "
     "(benchmarks/README.md); compile_denoiser is the faster switch",
 }
@@ -212,3 +217,26 @@ def test_the_text_encoder_weights_are_exactly_fp16_values():
     weights = load_file(ROOT / "assets" / "toyworld" / "pipeline" / "text_encoder" / "model.safetensors")
     assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
     assert all(torch.equal(tensor.half().float(), tensor) for tensor in weights.values())
+
+
+def test_help_keys_lists_every_key_with_its_default_and_what_it_takes():
+    """--help-keys [PREFIX]: one line per key from the schema (no torch), the base config's defaults or a preset's."""
+    from alignprop.presets import load_preset
+    from alignprop.schema import RULES, leaves
+
+    every = run("--help-keys")
+    assert every.returncode == 0, every.stderr
+    listed = [line.split(" = ")[0] for line in every.stdout.splitlines()]
+    base = load_preset("tiny")  # the keys every preset shares
+    assert listed == [key for key, _ in leaves(base)] and all(key in RULES for key in listed)
+    refl = run("--help-keys", "gradient_paths.refl")
+    assert refl.stdout.splitlines() == [
+        "gradient_paths.refl.last_steps = (1, 10): " + RULES["gradient_paths.refl.last_steps"].expected(),
+        "gradient_paths.refl.uncond_gradient = False: True or False",
+    ]
+    flux = run("--config", f"{CONFIG}:hps_flux", "--help-keys", "steps")
+    assert flux.stdout.startswith("steps = 25: an integer in [1, 1000]")
+    unknown = run("--help-keys", "zzz")
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
+        "error: no config key starts with 'zzz'; --help-keys alone lists them all"
+    ]

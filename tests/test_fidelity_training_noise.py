@@ -1,8 +1,10 @@
 """original_training_noise: the original's training latents (issue 12, point 3).
 
 The original reseeded the generator its training latents came from with `seed` in every evaluation, the same
-on every process: with vis_freq=1 every update after the first drew the same latents on every GPU. The switch
-reproduces that; off (the default), every update and every process draws fresh latents.
+on every process, and drew the evaluation's latents from it first: with vis_freq=1 every update after the first drew
+the same latents (those after the evaluation's) on every GPU. The switch reproduces that (what exactly is drawn:
+tests/test_fidelity_second_pass.py); off (the default outside the paper presets), every update and every process
+draws fresh latents.
 """
 
 import pytest

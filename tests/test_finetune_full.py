@@ -188,7 +188,7 @@ def test_the_hub_folder_of_a_full_run_holds_the_unet_and_says_how_to_load_it(pre
     folder = hub.write_folder(config, "tiny", runs["straight"], 4, {}, {})
     assert is_denoiser_folder(folder / "unet")
     card = (folder / "README.md").read_text()
-    assert 'UNet2DConditionModel.from_pretrained("straight", subfolder="unet"' in card
+    assert 'UNet2DConditionModel.from_pretrained(folder, subfolder="unet"' in card
     assert "load_lora_weights" not in card and "- lora" not in card
 
 

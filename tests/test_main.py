@@ -51,6 +51,58 @@ BAD_INPUTS = {
     "unknown precision": (["--config.mixed_precision=fp8"], "mixed_precision"),
     "unknown tracker": (["--config.tracker=mlflow"], "tracker"),
     "layout without a single file": (["--config.pretrained.config=tiny"], "drop --config.pretrained.config"),
+    # issue 32: settings under which no update changes the weights, or that the chosen mode ignores
+    "direct_align discount zero": (
+        ["--config.gradient_path=direct_align", "--config.gradient_paths.direct_align.discount=(0,0)"],
+        "weights the denoise branch's loss by 0",
+    ),
+    "direct_align discount 1e300": (
+        ["--config.gradient_path=direct_align", "--config.gradient_paths.direct_align.discount=(1e300,1e300)"],
+        "direct_align.discount must be a pair (a, b) of finite numbers in [0, 1000]",
+    ),
+    "warmup longer than the run": (
+        ["--config.train.lr_scheduler=linear", "--config.train.lr_warmup_steps=1000"],
+        "train.lr_warmup_steps=1000 >= the run's 40 updates",
+    ),
+    "warmup with the constant schedule": (["--config.train.lr_warmup_steps=5"], "lr_warmup_steps is ignored"),
+    "a tuple given twice": (
+        ["--config.truncated_backprop_minmax=(0,5)", "--config.truncated_backprop_minmax=(1,9)"],
+        "--config.truncated_backprop_minmax is given more than once",
+    ),
+    "visualize_train without images": (
+        ["--config.visualize_train=True", "--config.max_vis_images=0"],
+        "max_vis_images=0 saves none",
+    ),
+    "hub_model_id without push_to_hub": (["--config.hub_model_id=me/model"], "add --config.push_to_hub=True"),
+    "hub_model_id not a repo id": (
+        ["--config.push_to_hub=True", "--config.hub_model_id=a/b/c d"],
+        "hub_model_id='a/b/c d' is not a hub repo id",
+    ),
+    "knob of another gradient path": (
+        ["--config.gradient_paths.drtune.train_steps=999"],
+        "is a knob of gradient_path='drtune', but gradient_path='truncation'",
+    ),
+    "reward_threshold without its loss": (["--config.reward_threshold=0.5"], "reward_loss='threshold' only"),
+    "eval reward twice": (["--config.eval_reward_fns=toyworld_area,toyworld_area"], "'toyworld_area' twice"),
+    "eval reward is the training reward": (
+        ["--config.eval_reward_fns=toyworld_shape"],
+        "names the training reward 'toyworld_shape'",
+    ),
+    "eval combined without a combination": (["--config.eval_reward_fns=combined"], "needs rewards.combination"),
+    # issue 32: what fails only once loaded is still the only line (loading bars and warnings held back)
+    "T5 length without T5": (["--config.pretrained.max_sequence_length=64"], "without T5: leave it at 0"),
+    "eval reward offline": (
+        ["--config.eval_reward_fns=aesthetic", "--config.rewards.aesthetic.clip_model=someone/not-cached"],
+        "check config.rewards.aesthetic.clip_model",
+    ),
+    "vae offline": (["--config.pretrained.vae=someone/vae"], "cannot load pretrained.vae 'someone/vae'"),
+    # issue 32: a long value is quoted as an excerpt (the line stays under 300 characters)
+    "long model id": ([f"--config.pretrained.model=someone/{'m' * 190}"], "HF_HUB_OFFLINE"),
+    "long classifier path": ([f"--config.rewards.toyworld.classifier=/no/{'c' * 195}"], "no toy-world shape"),
+    "long clip_model": (
+        ["--config.eval_reward_fns=aesthetic", f"--config.rewards.aesthetic.clip_model=someone/{'c' * 190}"],
+        "cannot load CLIPVisionModelWithProjection",
+    ),
 }
 
 
@@ -62,6 +114,12 @@ def assert_one_clear_line(result, fragment, logdir):
     assert not logdir.exists(), "a configuration error must not create anything under logdir"
 
 
+def assert_only_one_short_line(result):
+    """Nothing but the error line on stderr (no loading bars or warnings before it), under 300 characters."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and len(lines[0]) < 300, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path):
     args, fragment = BAD_INPUTS[case]
@@ -70,9 +128,11 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(case, tmp_path):
     logdir = tmp_path / "logs"
     result = fork_main(*args, f"--config.logdir={logdir}" if "missing config" not in case else "")
     assert_one_clear_line(result, fragment, logdir)
+    assert_only_one_short_line(result)
 
 
-@pytest.mark.parametrize("case", ["unknown reward"])  # refused by jobs.run_job, after the heavy imports
+# refused by jobs.run_job after the heavy imports; refused once the model has loaded
+@pytest.mark.parametrize("case", ["unknown reward", "T5 length without T5"])
 def test_the_fork_server_answers_a_bad_input_as_python_main_py_does(case, tmp_path):
     args, fragment = BAD_INPUTS[case]
     args = ["--config", "config/align_prop.py:tiny", *args, f"--config.logdir={tmp_path / 'logs'}"]
@@ -142,9 +202,24 @@ def checkpoint_dir(tmp_path, marker=True, lora=b"not safetensors"):
     return path
 
 
-def a_file(tmp_path):
-    (tmp_path / "file").write_text("")
-    return tmp_path / "file"
+def a_file(tmp_path, text="", name="file"):
+    (tmp_path / name).write_text(text)
+    return tmp_path / name
+
+
+BROKEN_CONFIG = "def get_config(preset):\n    return (\n"  # a Python file that does not parse
+FLOW_LAYOUT = ROOT / "assets" / "toyworld" / "flow_pipeline"  # a flow-matching (SD3) pipeline's layout
+
+
+def single_file(tmp_path):
+    """The tiny SD pipeline as one file in the original checkpoint layout (tests/test_single_file.py)."""
+    from safetensors.torch import save_file
+    from test_single_file import original_checkpoint
+
+    from alignprop.tiny import tiny_pipeline_dir
+
+    save_file(original_checkpoint(tiny_pipeline_dir()), tmp_path / "model.safetensors")
+    return tmp_path / "model.safetensors"
 
 
 # name: (tmp_path -> extra args, fragment of the error line); these need files made first.
@@ -158,6 +233,14 @@ BAD_FILES = {
     "resume_from corrupt": (lambda t: [f"--config.resume_from={checkpoint_dir(t)}"], "cannot read LoRA weights"),
     "unwritable logdir": (lambda t: [f"--config.logdir={a_file(t) / 'logs'}"], "cannot create the run directory"),
     "offline uncached model": (lambda t: ["--config.pretrained.model=someone/not-cached"], "HF_HUB_OFFLINE"),
+    "config file with a syntax error": (
+        lambda t: ["--config", str(a_file(t, BROKEN_CONFIG, "broken.py")) + ":tiny"],
+        "does not run (line 2): '(' was never closed",  # a long temporary path is cut before its name
+    ),
+    "single file with another family's layout": (
+        lambda t: [f"--config.pretrained.model={single_file(t)}", f"--config.pretrained.config={FLOW_LAYOUT}"],
+        "pretrained.config must be a pipeline of the file's family and size",
+    ),
 }
 
 
@@ -168,6 +251,7 @@ def test_bad_files_are_one_clear_line_and_write_nothing(case, tmp_path):
     args = [f"--config.logdir={logdir}", *make_args(tmp_path)]  # a later --config.logdir wins
     result = fork_main("--config", "config/align_prop.py:tiny", *args, env={"HF_HUB_OFFLINE": "1"})
     assert_one_clear_line(result, fragment, logdir)
+    assert_only_one_short_line(result)
 
 
 def test_a_full_disk_at_start_up_is_one_clear_line_and_leaves_no_run_directory(tmp_path):

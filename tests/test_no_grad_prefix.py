@@ -154,6 +154,10 @@ def test_checkpoints_are_the_same_with_the_prefix_on(preset, tmp_path):
         config.train.total_batch_size = 4  # 2 micro-batches of 2 per update, 2 updates
         config.train.total_samples_per_epoch = 8
         config.train.no_grad_batch_size = chunk
+        # With epsilon 1e-8 AdamW divides a near-zero gradient by its own magnitude, turning the float32 rounding of a
+        # differently batched prefix into up to 7 % of a step on a few elements (seen: 6.8e-5 at lr 1e-3); 1e-3 keeps
+        # the update proportional to the gradient, so the comparison measures the prefix, not that division.
+        config.train.adam_epsilon = 1e-3
         trainer = make_trainer(config)
         trainer.fit()
         (last,) = checkpoint.complete_checkpoints(trainer.run_dir / "checkpoints")

@@ -1,12 +1,12 @@
 """The FlowBP estimators (alignprop.paths.flowbp_sparse, flowbp_bridge, flowbp_lagrange) against a plain transcription
 of their definitions, in float64.
 
-The naive versions below are /work/specs/flowbp.md §7 (FlowBP @ 93b220a flowbp/trainers/{sd35,flux1}/flowbp_*.py)
-written out without the reference's bf16 casts: a plain loop over the sigma grid caching x_i and v_i without gradient,
-guidance from two separate denoiser calls with the unconditional one detached (SD3; FLUX: one call), the whole Euler
-composition from the noise with the reference's own straight-through and gradient-scale sums, supports and active
-supports transcribed from §4.1 / §4.3, and the Lagrange weights from a Vandermonde solve (not the polynomial expansion
-our module uses).
+The naive versions below are FlowBP's estimators (RuoyuWang-2077/FlowBP @ 93b220a,
+flowbp/trainers/{sd35,flux1}/flowbp_*.py) written out without the reference's bf16 casts: a plain loop over the sigma
+grid caching x_i and v_i without gradient, guidance from two separate denoiser calls with the unconditional one detached
+(SD3; FLUX: one call), the whole Euler composition from the noise with the reference's own straight-through and
+gradient-scale sums, supports and active supports transcribed from those trainers, and the Lagrange weights from a
+Vandermonde solve (not the polynomial expansion our module uses).
 """
 
 import json

@@ -11,7 +11,7 @@ import pytest
 import torch
 from checkpoint_runs import evaluated_run, read_metrics, run, straight_run, tiny_config
 
-from alignprop import jobs, soup
+from alignprop import jobs, plot, soup
 from alignprop.checkpoint import resolve_weights
 from alignprop.errors import UserError
 from alignprop.families import family_of
@@ -128,7 +128,7 @@ def test_sweep_writes_its_table_and_plot(preset, tmp_path_factory, tmp_path, lor
         run_name="sweep",
         soup_inference=True,
         resume_from=str(loras["run_dir"]),
-        resume_from_2="stablediffusion",
+        resume_from_2="base",
         soup_sweep=(1, 0.5, 0),
     )
     run_dir, rows = run(config)
@@ -142,6 +142,42 @@ def test_sweep_writes_its_table_and_plot(preset, tmp_path_factory, tmp_path, lor
     assert (run_dir / "soup.png").stat().st_size > 0
     for row in table:
         assert len(list((run_dir / row["images"] / "images").iterdir())) == 30
+    # The plot: a tick at each coefficient; the y axis inside the rewards the images took (a probability: 0..1).
+    saved = json.loads((run_dir / "soup.json").read_text())
+    frame = plot.axes(soup.soup_panel(saved["rows"], saved))
+    assert [value for value, _ in frame.x_ticks] == [0.0, 0.5, 1.0]
+    assert [label for _, label in frame.x_ticks] == ["0", "0.5", "1"]
+    per_image = [image["reward"] for row in table for image in read_summary(run_dir / row["images"])["images"]]
+    assert min(per_image) <= frame.y_range[0] < frame.y_range[1] <= max(per_image) <= 1.0
+    assert any(row["reward_mean"] + row["reward_std"] > max(per_image) for row in saved["rows"])  # what was cut
+
+
+def read_summary(directory: Path) -> dict:
+    return json.loads((directory / "summary.json").read_text())
+
+
+def test_plot_axes_keep_to_given_ticks_and_limits():
+    """Hand-computed: points 0.2 and 0.9 with std 0.3 span -0.1..1.2, padded by 5% of 1.3 each side; limits (0, 1)
+    cut that to 0..1 and the ticks are the given coefficients, else 6 evenly spaced ones over the padded x span."""
+    series = plot.Series([0.0, 0.25, 1.0], [0.2, 0.5, 0.9], [0.3, 0.0, 0.3])
+    free = plot.axes(plot.Panel("t", "x", "y", [series]))
+    assert free.y_range == pytest.approx((-0.1 - 0.065, 1.2 + 0.065))
+    assert [value for value, _ in free.x_ticks] == pytest.approx([-0.05 + 1.1 * i / 5 for i in range(6)])
+    bounded = plot.axes(plot.Panel("t", "x", "y", [series], x_ticks=[0.0, 0.25, 1.0], y_limits=(0.0, 1.0)))
+    assert bounded.y_range == (0.0, 1.0) and bounded.x_ticks == [(0.0, "0"), (0.25, "0.25"), (1.0, "1")]
+    assert bounded.y_ticks[0] == (0.0, "0") and bounded.y_ticks[-1] == (1.0, "1")
+
+
+@pytest.mark.parametrize("word", ["base", "stablediffusion"])
+def test_the_base_model_is_named_base_or_the_originals_word(preset, loras, tmp_path, word):
+    from alignprop import jobs
+
+    config = tiny_config(preset, tmp_path / "logs", soup_inference=True, resume_from=str(loras["run_dir"]))
+    config.resume_from_2 = word
+    assert soup.prepare(config).b is None
+    config = tiny_config(preset, tmp_path / "logs", only_eval=True, resume_from=word)
+    assert jobs.evaluation_weights(config) is None
+    assert jobs.prepare(config, num_processes=1).kind == "evaluate" and not (tmp_path / "logs").exists()
 
 
 def test_parameter_mix_refuses_other_layouts_and_delta_mix_accepts_them(preset, loras, tmp_path):

@@ -92,3 +92,41 @@ def test_debug_turns_on_anomaly_detection_in_training_updates(preset, tmp_path, 
     trainer.sample_and_score = recording
     trainer.train_update()
     assert seen == [debug] and not torch.is_anomaly_enabled()  # on only inside the update
+
+
+@pytest.mark.parametrize(
+    ("save_freq", "num_epochs", "first", "expected"),
+    [(20, 2, 0, [2]), (2, 5, 0, [2, 4, 5]), (4, 200, 0, list(range(4, 201, 4))), (3, 7, 4, [6, 7]), (0, 5, 0, [])],
+)
+def test_the_save_schedule_lists_every_saved_epoch_and_the_last(preset, save_freq, num_epochs, first, expected):
+    config = preset("tiny")
+    config.save_freq, config.num_epochs = save_freq, num_epochs
+    assert checkpoint.saved_epochs(config, first) == expected
+
+
+def test_the_start_up_line_says_which_checkpoints_a_run_saves(preset, tmp_path, capsys):
+    """num_epochs=2 with the tiny preset's save_freq 20 saves one checkpoint, after epoch 2 (the issue's case); a
+    run with save_freq 2 over 5 epochs saves exactly the epochs the line names."""
+    from alignprop import jobs
+
+    config = small_config(preset, tmp_path, save_freq=20)
+    job = jobs.prepare(config, num_processes=1)
+    line = next(x for x in jobs.describe(job, config, tmp_path / "RUN").splitlines() if x.startswith("checkpoints:"))
+    assert "after epoch 2 (1 checkpoint(s))" in line and "every" not in line
+    # The README's example: hps saves as the original did (save_schedule="original").
+    assert (
+        checkpoint.describe_schedule(preset("hps"))
+        == "after epoch 1, 5, ..., 197 (50 checkpoint(s); the newest 10 kept)"
+    )
+    config = small_config(preset, tmp_path, save_freq=2, num_epochs=5, num_checkpoint_limit=2, vis_freq=3)
+    run_dir, _ = run(config)
+    out = capsys.readouterr().out.splitlines()
+    said = next(x for x in out if x.startswith("checkpoints:"))
+    assert "after epoch 2, 4, 5 (3 checkpoint(s); the newest 2 kept)" in said
+    evaluations = [r for r in read_metrics(run_dir) if r.get("eval")]
+    assert [r["update"] for r in evaluations] == [0, 3, 6, 9, 10]
+    assert next(x for x in out if x.startswith("evaluation:")).endswith(": 5 evaluations, 10 images")
+    saved = sorted(path.name for path in (run_dir / checkpoint.CHECKPOINTS_DIR).iterdir())
+    assert saved == ["checkpoint_4", "checkpoint_5"]  # 2 was saved, then rotated out by the limit
+    metrics = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert len(metrics) == 5 * 2  # every epoch ran: the last checkpoint is the final epoch's

@@ -94,6 +94,7 @@ class DirectAlign(GradientPath):
                 )
         if knobs.levels == "sampler":
             check_sampler_inversion(knobs.branch, steps)
+        check_branch_weights(knobs, relative=bool(tuple(config.rewards.get("relative_control", ()))))
 
     def check_model(self, model) -> None:
         if self.continuous and model.name not in ("sd3", "flux"):
@@ -201,6 +202,20 @@ class DirectAlign(GradientPath):
             up = inversion_step(model, conditioning, noisy, timesteps[step], timesteps[step - 1], options)
             inverted = model.clean_at(up, noise, timesteps[step - 1])
         return denoised, inverted
+
+
+def check_branch_weights(knobs, relative: bool) -> None:
+    """Without a relative reward a branch's discount is its loss weight: (0, 0) makes it a denoiser call with
+    gradient that changes nothing (both branches: no update changes the weights). Refused."""
+    if relative:  # the discount is a boost inside the relative reward: 0 is SRPO's reward without it
+        return
+    for name, key in (("denoise", "discount"), ("inversion", "inversion_discount")):
+        if knobs.branch in (name, "both") and not any(knobs[key]):
+            raise UserError(
+                f"gradient_paths.direct_align.{key}=(0, 0) weights the {name} branch's loss by 0 (without "
+                "rewards.relative_control the discount is the loss weight): no update changes the weights through "
+                f"it; give a positive weight or branch={'inversion' if name == 'denoise' else 'denoise'!r}"
+            )
 
 
 def check_sampler_inversion(branch: str, steps: int) -> None:

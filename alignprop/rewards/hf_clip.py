@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from alignprop.errors import UserError
+from alignprop.errors import UserError, excerpt, shorten
 from alignprop.rewards.loading import pretrained_source
 from alignprop.rewards.preprocess import ImageSpec, prepare
 
@@ -32,9 +32,10 @@ def quiet_transformers():
         transformers.logging.set_verbosity(verbosity)
 
 
-def first_line(error: Exception) -> str:
+def first_line(error: Exception, limit: int = 100) -> str:
+    """The error's type and the first line of its text, cut to `limit` characters (it may quote a long path)."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    return shorten(f"{type(error).__name__}: {text[0] if text else ''}", limit)
 
 
 def load_pretrained(model_class, source: str, option: str, dtype: torch.dtype):
@@ -47,12 +48,12 @@ def load_pretrained(model_class, source: str, option: str, dtype: torch.dtype):
             )
     except Exception as error:  # missing files, offline hub, wrong architecture, size mismatch
         raise UserError(
-            f"cannot load {model_class.__name__} from {source!r} ({first_line(error)}); check {option}"
+            f"cannot load {model_class.__name__} from {excerpt(source)} ({first_line(error)}); check {option}"
         ) from None
     missing = sorted(info["missing_keys"]) + sorted(info["mismatched_keys"])
     if missing:
         raise UserError(
-            f"{source!r} is not a {model_class.__name__} checkpoint: {len(missing)} weights missing or "
+            f"{excerpt(source)} is not a {model_class.__name__} checkpoint: {len(missing)} weights missing or "
             f"mismatched (e.g. {missing[0]}); check {option}"
         )
     return model
@@ -64,11 +65,13 @@ def load_tokenizer(source: str, option: str, vocab_size: int) -> CLIPTokenizer:
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source)
     except Exception as error:
-        raise UserError(f"cannot load a CLIP tokenizer from {source!r} ({first_line(error)}); check {option}") from None
+        raise UserError(
+            f"cannot load a CLIP tokenizer from {excerpt(source)} ({first_line(error)}); check {option}"
+        ) from None
     # transformers builds an empty tokenizer, without complaint, from a directory lacking vocab files.
     if len(tokenizer) != vocab_size:
         raise UserError(
-            f"the tokenizer in {source!r} has {len(tokenizer)} tokens but the text model expects "
+            f"the tokenizer in {excerpt(source)} has {len(tokenizer)} tokens but the text model expects "
             f"{vocab_size}; check {option}"
         )
     return tokenizer
@@ -81,13 +84,13 @@ def load_image_spec(source: str, option: str) -> ImageSpec:
         processor = CLIPImageProcessorPil.from_pretrained(source)
     except Exception as error:
         raise UserError(
-            f"cannot load a CLIP image processor config from {source!r} ({first_line(error)}); check {option}"
+            f"cannot load a CLIP image processor config from {excerpt(source)} ({first_line(error)}); check {option}"
         ) from None
     size, crop = processor.size, processor.crop_size
     if not (processor.do_resize and processor.do_center_crop and size.shortest_edge and crop.height):
-        raise UserError(f"{source!r}: only shortest-side resize + centre crop processors are supported")
+        raise UserError(f"{excerpt(source)}: only shortest-side resize + centre crop processors are supported")
     if processor.resample != BICUBIC:
-        raise UserError(f"{source!r}: only bicubic resizing is supported, not resample={processor.resample}")
+        raise UserError(f"{excerpt(source)}: only bicubic resizing is supported, not resample={processor.resample}")
     return ImageSpec(
         resize=size.shortest_edge,
         crop=(crop.height, crop.width),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from alignprop.errors import UserError
+from alignprop.errors import UserError, excerpt, shorten
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # How torch's weights-only unpickler names a refused class.
@@ -25,7 +25,7 @@ def resolve_file(local_path: str, repo: str, filename: str, option: str) -> Path
     if local_path:
         path = Path(local_path).expanduser()
         if not path.is_file():
-            raise UserError(f"weights file {str(path)!r} does not exist; set {option} to an existing file")
+            raise UserError(f"weights file {excerpt(str(path))} does not exist; set {option} to an existing file")
         return path
     from huggingface_hub import hf_hub_download
 
@@ -33,8 +33,8 @@ def resolve_file(local_path: str, repo: str, filename: str, option: str) -> Path
         return Path(hf_hub_download(repo_id=repo, filename=filename))
     except Exception as error:  # offline, unknown repo, gated, ...: the fix is the same
         raise UserError(
-            f"cannot fetch {filename!r} from the Hugging Face hub repo {repo!r} ({type(error).__name__}); "
-            f"download it and set {option}=/path/to/{filename}"
+            f"cannot fetch {excerpt(filename)} from the Hugging Face hub repo {excerpt(repo)} "
+            f"({type(error).__name__}); download it and set {option}=/path/to/{shorten(filename, 60)}"
         ) from None
 
 
@@ -44,9 +44,9 @@ def pretrained_source(source: str, option: str) -> str:
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise UserError(f"{option}={source!r} is a file; point it at a model directory or a hub id")
+        raise UserError(f"{option}={excerpt(source)} is a file; point it at a model directory or a hub id")
     if not HUB_ID.match(source):
-        raise UserError(f"{option}={source!r} is neither an existing directory nor a hub id like 'owner/name'")
+        raise UserError(f"{option}={excerpt(source)} is neither an existing directory nor a hub id like 'owner/name'")
     return source
 
 
@@ -58,22 +58,24 @@ def load_tensor_file(path: Path) -> dict:
         try:
             return load_file(str(path))
         except Exception as error:
-            raise UserError(f"cannot read safetensors file {str(path)!r}: {error}") from None
+            raise UserError(f"cannot read safetensors file {excerpt(str(path))}: {shorten(str(error), 100)}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         refused = UNSAFE_GLOBAL.search(str(error))
         if refused:
             raise UserError(
-                f"{str(path)!r} holds pickled Python objects ({refused.group(1)}), not only tensors, and is "
+                f"{excerpt(str(path))} holds pickled Python objects ({refused.group(1)}), not only tensors, and is "
                 "refused for safety (torch.load weights_only=True); re-save its state_dict() with torch.save "
                 "or safetensors"
             ) from None
         raise UserError(
-            f"cannot read weights file {str(path)!r}: not a torch or safetensors file of plain tensors"
+            f"cannot read weights file {excerpt(str(path))}: not a torch or safetensors file of plain tensors"
         ) from None
     except Exception as error:
-        raise UserError(f"cannot read weights file {str(path)!r}: {type(error).__name__}: {error}") from None
+        raise UserError(
+            f"cannot read weights file {excerpt(str(path))}: {type(error).__name__}: {shorten(str(error), 100)}"
+        ) from None
 
 
 def extract_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor]:
@@ -81,9 +83,9 @@ def extract_state_dict(checkpoint: object, path: Path) -> dict[str, torch.Tensor
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not checkpoint:
-        raise UserError(f"{str(path)!r} is not a state dict (a mapping of parameter names to tensors)")
+        raise UserError(f"{excerpt(str(path))} is not a state dict (a mapping of parameter names to tensors)")
     if not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        raise UserError(f"{str(path)!r} is not a state dict: some of its values are not tensors")
+        raise UserError(f"{excerpt(str(path))} is not a state dict: some of its values are not tensors")
     # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
     if all(key.startswith("module.") for key in checkpoint):
         checkpoint = {key[len("module.") :]: value for key, value in checkpoint.items()}
@@ -112,5 +114,5 @@ def load_weights_into(module: torch.nn.Module, path: Path, what: str, option: st
     state_dict = extract_state_dict(load_tensor_file(path), path)
     reasons = incompatibilities(module, state_dict)
     if reasons:
-        raise UserError(f"{str(path)!r} is not a {what} checkpoint: {'; '.join(reasons)}; check {option}")
+        raise UserError(f"{excerpt(str(path))} is not a {what} checkpoint: {'; '.join(reasons)}; check {option}")
     module.load_state_dict(state_dict, strict=True)

@@ -26,6 +26,7 @@ REWARD_MODULES = (
     "alignprop.rewards.combined",
     "alignprop.rewards.compressibility",
     "alignprop.rewards.hps",
+    "alignprop.rewards.imagereward",
     "alignprop.rewards.pickscore",
     "alignprop.toyworld.rewards",
 )

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from alignprop.toyworld.world import SHAPES
+from alignprop.written_files import give_normal_mode
 
 WIDTHS = (32, 64, 64)
 
@@ -49,6 +50,7 @@ def save(model: ShapeClassifier, path: Path, info: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"widths": json.dumps(model.widths), "classes": json.dumps(SHAPES), "info": json.dumps(info)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    give_normal_mode(path)  # safetensors writes owner-only files
 
 
 def load(path: Path) -> ShapeClassifier:

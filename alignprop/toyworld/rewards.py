@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from alignprop.errors import UserError
+from alignprop.errors import UserError, excerpt
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.registry import RewardSettings, register
 from alignprop.toyworld import CLASSIFIER_FILE, checker
@@ -158,7 +158,8 @@ def load_classifier(path: str) -> shape_classifier.ShapeClassifier:
     file = Path(path).expanduser() if path else CLASSIFIER_FILE
     if not file.is_file():
         raise UserError(
-            f"no toy-world shape classifier at {str(file)!r} (train one: python -m alignprop.toyworld.train_classifier)"
+            f"no toy-world shape classifier at {excerpt(str(file))} (train one: python -m "
+            "alignprop.toyworld.train_classifier)"
         )
     return shape_classifier.load(file)
 
