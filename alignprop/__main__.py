@@ -1,4 +1,4 @@
-"""`python -m alignprop --config config/align_prop.py:PRESET ...`: the same command line as main.py."""
+"""`python -m alignprop --config PRESET ...` (or FILE:PRESET): the same command line as main.py."""
 
 from alignprop.cli import main
 

@@ -20,13 +20,13 @@ from ml_collections import ConfigDict, config_flags
 
 from alignprop import schema
 from alignprop.errors import Interrupted, UserError, excerpt, shorten
+from alignprop.shipped import CONFIG_FILE
 
 FLAGS = flags.FLAGS
 # No default: a default preset would be parsed (with the overrides) as soon as the flag is defined, before any
 # error handling, and a forgotten --config would silently start a run.
-config_flags.DEFINE_config_file("config", None, "path/to/config.py:PRESET, e.g. config/align_prop.py:tiny.")
+config_flags.DEFINE_config_file("config", None, "PRESET or path/to/config.py:PRESET, e.g. config/align_prop.py:tiny.")
 
-CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "align_prop.py"
 HELP_ARGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
 CONFIG_ARG = re.compile(r"^--?config(=|$)")
 DESCRIPTION = "AlignProp: fine-tune a text-to-image diffusion model by backpropagating a differentiable reward."
@@ -40,11 +40,26 @@ COMMANDS = {  # `alignprop NAME ARGS`: tools that read finished runs (alignprop/
 
 
 def program_name(argv0: str) -> str:
-    """How this was started: `python main.py`, `python -m alignprop` or the `alignprop` command."""
+    """How this was started: `python main.py` (its path from here), `python -m alignprop` or `alignprop`."""
     name = Path(argv0).name
     if name == "__main__.py":
         return "python -m alignprop"
-    return f"python {name}" if name.endswith(".py") else name
+    return f"python {shown_path(Path(argv0))}" if name.endswith(".py") else name
+
+
+def launcher(argv0: str) -> str:
+    """The multi-GPU command for how this was started: main.py by its path from here, else the installed module."""
+    name = Path(argv0).name
+    if name.endswith(".py") and name != "__main__.py":
+        return f"accelerate launch {shown_path(Path(argv0))}"
+    return "accelerate launch -m alignprop"
+
+
+def preset_spec(preset: str) -> str:
+    """How to name `preset` from here: by the config file's path in a clone (config/align_prop.py:tiny), by its
+    name alone elsewhere (an installed alignprop; `--config tiny`), so every command shown runs where it is read."""
+    shown = shown_path(CONFIG_FILE)
+    return preset if Path(shown).is_absolute() else f"{shown}:{preset}"
 
 
 def shown_path(path: Path) -> str:
@@ -78,8 +93,8 @@ def usage(argv0: str) -> str:
     prog, config = program_name(argv0), shown_path(CONFIG_FILE)
     return "\n".join(
         [
-            f"usage: {prog} --config {config}:PRESET [--config.KEY=VALUE ...]",
-            f"       accelerate launch main.py --config {config}:PRESET [...]   (one or more GPUs)",
+            f"usage: {prog} --config {preset_spec('PRESET')} [--config.KEY=VALUE ...]",
+            f"       {launcher(argv0)} --config {preset_spec('PRESET')} [...]   (one or more GPUs)",
             "",
             f"presets ({config}):",
             *preset_lines(),
@@ -117,7 +132,7 @@ def keys_text(argv: list[str]) -> str:
 
 
 def help_text(argv0: str) -> str:
-    prog, config = program_name(argv0), shown_path(CONFIG_FILE)
+    prog, config, tiny = program_name(argv0), shown_path(CONFIG_FILE), preset_spec("tiny")
     return "\n".join(
         [
             DESCRIPTION,
@@ -125,16 +140,17 @@ def help_text(argv0: str) -> str:
             usage(argv0),
             "",
             "examples:",
-            f"  {prog} --config {config}:tiny                      # the CPU demo: no downloads, ~1 minute",
-            f"  {prog} --config {config}:tiny --config.num_epochs=2 --config.train.learning_rate=5e-4",
-            f"  {prog} --config {config}:tiny --config.only_eval=True --config.resume_from=logs/RUN",
-            f"  accelerate launch main.py --config {config}:aesthetic",
+            f"  {prog} --config {tiny}                      # the CPU demo: no downloads, ~1 minute",
+            f"  {prog} --config {tiny} --config.num_epochs=2 --config.train.learning_rate=5e-4",
+            f"  {prog} --config {tiny} --config.only_eval=True --config.resume_from=logs/RUN",
+            f"  {launcher(argv0)} --config {preset_spec('aesthetic')}",
             "",
             "commands:",
             *[f"  {prog} {name} {what}" for name, what in COMMANDS.items()],
             "",
-            "--config is a path (relative to the working directory) followed by :PRESET. Any value of the preset",
-            "can be overridden with --config.KEY=VALUE, nested keys with dots (--config.train.learning_rate=5e-4);",
+            "--config is a preset's name alone (the presets above) or a config file's path, relative to the working",
+            "directory, followed by :PRESET. Any value of the preset can be overridden with --config.KEY=VALUE, nested",
+            "keys with dots (--config.train.learning_rate=5e-4);",
             f"the keys, their defaults and what they mean are in {config}; {HELP_KEYS} [PREFIX] lists them",
             "with their defaults (a preset's with --config) and the values each takes. Runs are written to",
             "--config.logdir (default: logs/) in a new run directory; see README.md.",
@@ -173,6 +189,26 @@ def config_argument(argv: list[str]) -> str | None:
         if match:
             value = argument[match.end() :] if match.group(1) else (arguments[index + 1 : index + 2] or [""])[0]
     return value
+
+
+BARE_NAME = re.compile(r"^\w+$")
+
+
+def preset_path(value: str) -> str:
+    """A --config value as absl loads it: a bare name that is no file here (`tiny`) is the shipped config's preset."""
+    return f"{CONFIG_FILE}:{value}" if BARE_NAME.match(value) and not Path(value).exists() else value
+
+
+def with_preset_paths(argv: list[str]) -> list[str]:
+    """`argv` with each `--config NAME` / `--config=NAME` given as the shipped config file's path and :NAME."""
+    resolved, arguments = list(argv), given_arguments(argv)
+    for index, argument in enumerate(arguments, start=1):
+        match = CONFIG_ARG.match(argument)
+        if match and match.group(1):
+            resolved[index] = argument[: match.end()] + preset_path(argument[match.end() :])
+        elif match and index < len(arguments):
+            resolved[index + 1] = preset_path(arguments[index])
+    return resolved
 
 
 # Keys that existed in an earlier version, with what replaces them (said instead of a close match).
@@ -357,21 +393,46 @@ def check_truncation_flags(config, explicit: set[str]) -> None:
 # --- the run --------------------------------------------------------------------------------------------------
 
 
-def format_summary(summary: dict) -> str:
-    return ", ".join(f"{key}={value:.4g}" for key, value in summary.items() if isinstance(value, float))
+LINE_CHARS = 120  # printed lines stay readable in a terminal; the files hold every number
+
+
+def key_numbers(summary: dict) -> dict[str, float]:
+    """What is printed of an evaluation: its means (the reward's first, then each metric's and the diversity's);
+    the stds and the rest are in the run's files (summary.json, metrics.jsonl, soup.csv)."""
+    return {key: value for key, value in summary.items() if key.endswith("_mean") and isinstance(value, float)}
+
+
+def format_summary(summary: dict, room: int = LINE_CHARS) -> str:
+    """`key=value, ...` of the key numbers, as many as fit in `room` characters (the reward always)."""
+    items = [f"{key}={value:.4g}" for key, value in key_numbers(summary).items()]
+    shown = items[:1]
+    for item in items[1:]:
+        if len(", ".join([*shown, item, "..."])) > room:
+            return ", ".join([*shown, "..."])
+        shown.append(item)
+    return ", ".join(shown)
+
+
+def before_after_lines(before: dict, after: dict) -> list[str]:
+    """One line per key number: `  name  before -> after`."""
+    before, after = key_numbers(before), key_numbers(after)
+    width = max(map(len, after), default=0)
+    lines = ["evaluation before -> after training (means; every statistic: eval/*/summary.json, metrics.jsonl):"]
+    return lines + [f"  {key:<{width}}  {before.get(key, float('nan')):>7.4g} -> {after[key]:.4g}" for key in after]
 
 
 def report(kind: str, result) -> None:
-    """What a person reads at the end: the numbers; the files are in the run directory."""
+    """What a person reads at the end: the key numbers, each line short; every number is in the run directory."""
     if kind == "train":
-        for label, evaluation in zip(("before", "after"), result):
-            print(f"{label:>6}: {format_summary(evaluation.summary())}")
+        print("\n".join(before_after_lines(*(evaluation.summary() for evaluation in result))))
     elif kind == "evaluate":
-        print(f"  eval: {format_summary(result.summary())}")
+        head = "  eval: "
+        print(f"{head}{format_summary(result.summary(), LINE_CHARS - len(head))}")
     else:
         for row in result:
             summary = {k: v for k, v in row.items() if k != "coefficient"}
-            print(f"{row['mode']} mixing_coef_1={row['coefficient']:g}: {format_summary(summary)}")
+            head = f"{row['mode']} mixing_coef_1={row['coefficient']:g}: "
+            print(f"{head}{format_summary(summary, LINE_CHARS - len(head))}")
 
 
 WRITTEN = {  # what a job leaves in its run directory (besides config.json), said at the end
@@ -444,9 +505,10 @@ def main() -> None:
         return
     argv = sys.argv = with_current_key_names(sys.argv)
     arguments = given_arguments(argv)
+    flag_argv = with_preset_paths(argv)  # sys.argv keeps the --config value as given (the run names it so)
     if HELP_KEYS in arguments:
         try:
-            print(keys_text(argv), flush=True)
+            print(keys_text(flag_argv), flush=True)
         except UserError as error:
             fail(str(error))
         sys.exit(0)
@@ -458,5 +520,5 @@ def main() -> None:
         sys.exit(0)
     if config_argument(argv) is None:
         print(usage(argv[0]), file=sys.stderr)
-        fail(f"no --config given; for the CPU demo: {program_name(argv[0])} --config {shown_path(CONFIG_FILE)}:tiny")
-    app.run(absl_main, argv=argv, flags_parser=parse_flags)
+        fail(f"no --config given; for the CPU demo: {program_name(argv[0])} --config {preset_spec('tiny')}")
+    app.run(absl_main, argv=flag_argv, flags_parser=parse_flags)

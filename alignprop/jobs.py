@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignprop import checkpoint, evaluate, paths, runtime, soup, train
+from alignprop import checkpoint, evaluate, every_checkpoint, paths, runtime, soup, train
 from alignprop.batching import BatchPlan
 from alignprop.checkpoint import BASE_MODEL, is_base_model
 from alignprop.denoiser_files import check_denoiser_folder, is_denoiser_folder
-from alignprop.errors import UserError
+from alignprop.errors import UserError, excerpt
 from alignprop.held_output import held_back_stderr
 from alignprop.lora_files import check_matches_config, is_original_checkpoint, read_lora
 from alignprop.rundir import DISK_FULL, cannot_write, create_run_dir, os_error_behind, write_config
@@ -33,6 +33,7 @@ class Job:
     kind: str  # "train" | "evaluate" | "soup"
     batches: BatchPlan
     work: Callable[[Session, Path], object]  # (session, run_dir) -> result
+    run_dir: Path | None = None  # a fixed run directory, made if missing (eval_all_checkpoints continues in it)
 
 
 def evaluation_weights(config) -> Path | None:
@@ -83,6 +84,10 @@ def prepare_job(config, batches: BatchPlan) -> Job:
     if config.soup_inference:
         inputs = soup.prepare(config)
         return Job("soup", batches, lambda session, run_dir: soup.run_soup(session, config, size, run_dir, inputs))
+    if config.get("eval_all_checkpoints"):
+        sweep = every_checkpoint.prepare(config)
+        work = lambda session, run_dir: every_checkpoint.run_sweep(session, config, size, run_dir, sweep)  # noqa: E731
+        return Job("evaluate", batches, work, sweep.run_dir)
     if config.only_eval:
         weights = evaluation_weights(config)
         work = lambda session, run_dir: evaluate.run_evaluation(session, config, size, run_dir, weights)  # noqa: E731
@@ -90,20 +95,30 @@ def prepare_job(config, batches: BatchPlan) -> Job:
     return prepare_training(config, batches)
 
 
-def shared_run_dir(config) -> Path:
-    """The main process creates logdir/RUN and saves the config; every process gets the same path."""
+def shared_run_dir(config, fixed: Path | None = None) -> Path:
+    """The main process creates logdir/RUN (or `fixed`, which may exist) and saves the config; every process gets
+    the same path."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     state = PartialState()
     holder = [None]
     if state.is_main_process:
-        run_dir = create_run_dir(config.logdir, config.run_name)
+        run_dir = create_run_dir(config.logdir, config.run_name) if fixed is None else make_dir(fixed)
         write_config(run_dir, config.to_json_best_effort(indent=2))
         holder = [str(run_dir)]
     if state.num_processes > 1:
         broadcast_object_list(holder)
     return Path(holder[0])
+
+
+def make_dir(path: Path) -> Path:
+    """`path` made if missing (a continued eval_all_checkpoints keeps what it holds)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create the run directory {excerpt(str(path))}: {error.strerror}") from None
+    return path
 
 
 def holds_only_the_config(run_dir: Path) -> bool:
@@ -169,7 +184,7 @@ def run_job(config) -> tuple[Job, Path, object]:
     job = prepare(config, runtime.process_count())
     with held_back_stderr():  # loading bars and warnings appear only if everything loads (else: one error line)
         session = build_session(config)  # a model or reward that cannot load fails here, before any file exists
-    run_dir = shared_run_dir(config)
+    run_dir = shared_run_dir(config, job.run_dir)
     if PartialState().is_main_process:
         print(describe(job, config, run_dir, session.model.name, session.model.denoiser_name), flush=True)
     try:

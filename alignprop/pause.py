@@ -2,7 +2,8 @@
 
 ALIGNPROP_TEST_PAUSE="<point>:<seconds>" makes `pause_point("<point>")` sleep that long; unset (always, outside
 tests/test_reliability.py) it does nothing. The points: "save" (a checkpoint's files written, not yet marked or
-renamed), "rotate" (a new checkpoint in place, an older one about to be deleted), "evaluate" (mid-evaluation).
+renamed), "rotate" (a new checkpoint in place, an older one about to be deleted), "evaluate" (mid-evaluation),
+"evaluated_<name>" (eval_all_checkpoints: the evaluation of base or checkpoint_N finished, the next not begun).
 """
 
 from __future__ import annotations

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from ml_collections import ConfigDict
 
-CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "align_prop.py"
+from alignprop.shipped import CONFIG_FILE
 
 
 def load_preset(name: str) -> ConfigDict:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alignprop import shipped
 from alignprop.errors import UserError, excerpt
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+ASSETS = shipped.ASSETS / "prompts"
 TOYWORLD_PROMPTS = ASSETS.parent / "toyworld" / "prompts"
 HPDV2_PROMPTS = ASSETS.parent / "hpdv2"
 BUILTIN = {

@@ -406,6 +406,7 @@ RULES: dict[str, Int | Number | Flag | Text | Pair | Either | Names | Coefficien
     "soup_mode": Text(choices=lambda: SOUP_MODES),
     "soup_sweep": Coefficients(),
     "only_eval": Flag(),
+    "eval_all_checkpoints": Flag(),
     "same_evaluation": Flag(),
     "eval_images_per_prompt": Int(1),
     "eval_prompts": Text(choices=lambda: EVAL_PROMPT_MODES),
@@ -608,6 +609,7 @@ def check(config) -> None:
     for key, value in leaves(config):
         check_value(key, value)
     check_soup(config)
+    check_eval_all_checkpoints(config)
     check_combination(config)
     check_eval_prompts(config)
     check_diversity_encoder(config)
@@ -672,6 +674,20 @@ def check_warmup(train, total_updates: int) -> None:
         raise UserError(
             f"train.lr_warmup_steps={train.lr_warmup_steps} >= the run's {total_updates} updates: the learning rate "
             "never reaches train.learning_rate; use fewer warmup steps (or more epochs)"
+        )
+
+
+def check_eval_all_checkpoints(config) -> None:
+    """eval_all_checkpoints evaluates one run's checkpoints: an evaluation (only_eval), not a soup."""
+    if not config.get("eval_all_checkpoints"):
+        return
+    if config.get("soup_inference"):
+        raise UserError(
+            "eval_all_checkpoints evaluates one run's checkpoints; it does not mix them: drop soup_inference"
+        )
+    if not config.get("only_eval"):
+        raise UserError(
+            "eval_all_checkpoints is an evaluation: add --config.only_eval=True (or use the evaluate preset)"
         )
 
 

@@ -120,6 +120,9 @@ def general():
     # "delta": coef*dW_A + (1-coef)*dW_B, exact in the weight delta (diffusers adapter weights)
     config.soup_sweep = ()  # e.g. (0, 0.25, 0.5, 0.75, 1): evaluate each coefficient, write a table and plot
     config.only_eval = False
+    # with only_eval and resume_from=RUN: evaluate the base model and every checkpoint of RUN, in update order, into
+    # logdir/run_name (default RUN's name + "_checkpoints"; run again to continue), with a table and curves
+    config.eval_all_checkpoints = False
     config.same_evaluation = True  # fixed-seed evaluation latents
     config.eval_images_per_prompt = 1  # eval_prompts="all": images per prompt of eval_prompt_fn (each its own latent)
     # "all": every line of eval_prompt_fn (x eval_images_per_prompt); "original": the original code's set, drawn once

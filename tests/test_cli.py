@@ -57,10 +57,10 @@ def test_no_config_prints_the_usage_and_runs_nothing(tmp_path):
     # The demo must not start unasked (a forgotten --config under `accelerate launch` would train the toy model).
     result = run(cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "usage: python main.py --config" in result.stderr and "  tiny " in result.stderr
-    assert error_lines(result) == [
-        f"error: no --config given; for the CPU demo: python main.py --config {ROOT / CONFIG}:tiny"
-    ]
+    # Started by its path from elsewhere: main.py by that path, the preset by its name alone (runs from there).
+    assert f"usage: python {ROOT / 'main.py'} --config PRESET" in result.stderr and "  tiny " in result.stderr
+    demo = f"python {ROOT / 'main.py'} --config tiny"
+    assert error_lines(result) == [f"error: no --config given; for the CPU demo: {demo}"]
     assert list(tmp_path.iterdir()) == [], "nothing may be written"
 
 
@@ -240,3 +240,33 @@ def test_help_keys_lists_every_key_with_its_default_and_what_it_takes():
     assert unknown.returncode == 2 and unknown.stderr.strip().splitlines() == [
         "error: no config key starts with 'zzz'; --help-keys alone lists them all"
     ]
+
+
+# --- what a run prints at the end ------------------------------------------------------------------------------
+
+
+def test_the_printed_results_are_short_lines_that_lead_with_the_reward(capsys):
+    from types import SimpleNamespace
+
+    from alignprop import cli
+
+    metrics = {f"checker_{name}": 0.123456 for name in ("background", "colour", "shape", "prompt", "area", "x", "y")}
+    summary = {
+        "reward_mean": 0.81234,
+        "reward_std": 0.3,
+        **{f"{k}_{s}": v for k, v in metrics.items() for s in "mean std".split()},
+    }
+    cli.report("evaluate", SimpleNamespace(summary=lambda: summary))
+    cli.report("soup", [{"mode": "params", "coefficient": 0.5, **summary}])
+    cli.report(
+        "train",
+        [SimpleNamespace(summary=lambda: summary), SimpleNamespace(summary=lambda: {**summary, "reward_mean": 0.9})],
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 120 for line in lines) and not any("_std" in line for line in lines), lines
+    assert lines[0].startswith("  eval: reward_mean=0.8123, checker_background_mean=0.1235, ") and lines[0].endswith(
+        ", ..."
+    )
+    assert lines[1].startswith("params mixing_coef_1=0.5: reward_mean=0.8123, ")
+    assert re.fullmatch(r"  reward_mean +0\.8123 -> 0\.9", lines[3]), lines
+    assert len(lines) == 3 + 1 + len(metrics)  # the train summary: a heading, then every mean on its own line

@@ -297,9 +297,13 @@ def test_readme_demo_command(tmp_path):
     args = ["--config", "config/align_prop.py:tiny", "--config.num_epochs=1", "--config.save_freq=1"]
     result = run_main(*args, f"--config.logdir={tmp_path}", "--config.run_name=demo")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "before: reward_mean=" in result.stdout and "after: reward_mean=" in result.stdout
-    # The learned reward is printed beside the ground truth it can be checked against.
-    assert re.search(r"^ after: reward_mean=.*, checker_shape_mean=", result.stdout, flags=re.MULTILINE)
+    # The summary: one short line per mean, before -> after; the learned reward beside the ground truth it can be
+    # checked against. Every statistic stays in the files (eval/*/summary.json, metrics.jsonl).
+    summary = result.stdout.split("evaluation before -> after training", 1)[1].split("\nwrote ", 1)[0].splitlines()
+    number = r"-?\d[\d.e+-]*"
+    assert re.fullmatch(rf"  reward_mean +{number} -> {number}", summary[1]), summary
+    assert any(re.fullmatch(rf"  checker_shape_mean +{number} -> {number}", line) for line in summary), summary
+    assert all(len(line) <= 120 for line in summary) and not any("_std" in line for line in summary), summary
     run_dir = tmp_path / "demo"
     for name in ("config.json", "metrics.jsonl", "before_after.png"):
         assert (run_dir / name).exists(), name

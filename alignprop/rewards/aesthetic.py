@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
+from alignprop import shipped
 from alignprop.rewards.base import Reward, RewardResult
 from alignprop.rewards.hf_clip import load_image_spec, load_pretrained, unit
 from alignprop.rewards.loading import load_weights_into, resolve_file
@@ -34,7 +35,7 @@ from alignprop.rewards.registry import RewardSettings, register
 
 OPTIONS = "config.rewards.aesthetic"
 # The LAION head as the original AlignProp repository shipped it (assets/README.md has its sha256).
-SHIPPED_HEAD = Path(__file__).resolve().parents[2] / "assets" / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+SHIPPED_HEAD = shipped.ASSETS / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
 
 
 class AestheticHead(nn.Module):

@@ -16,7 +16,9 @@ RGB, captioned "a red circle on a blue background". Everything here is built by 
 
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent.parent / "assets" / "toyworld"
+from alignprop import shipped
+
+ASSETS = shipped.ASSETS / "toyworld"
 PIPELINE_DIR = ASSETS / "pipeline"
 FLOW_PIPELINE_DIR = ASSETS / "flow_pipeline"  # the flow-matching (SD3-style) edition
 CLASSIFIER_FILE = ASSETS / "classifier" / "shape_classifier.safetensors"
