@@ -5,7 +5,7 @@ image by `python -m alignprop.compare` (README "Evaluating and comparing" shows 
 
 Three runs of `python main.py --config config/align_prop.py:tiny` with `--config.eval_seeding=per_prompt` (held-out
 caption p starts from noise seeded 42 + p, FlowBP's protocol), all evaluated on the toy world's 30 held-out captions
-(`toyworld_heldout`, one image each): `base` (the shipped toy model, `only_eval` with `resume_from=stablediffusion`),
+(`toyworld_heldout`, one image each): `base` (the shipped toy model, `only_eval` with `resume_from=base`),
 `truncation` (the preset as it is: AlignProp's random per-step truncation, 40 updates) and `refl` (the same with
 `gradient_path=refl`: ImageReward's ReFL, one trained step among the last 10). The two training runs' last
 evaluations are compared with the base's: OUT/compare.{md,csv,png}; OUT/diversity.md lists each column's
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PRESET = ["--config", "config/align_prop.py:tiny", "--config.eval_seeding=per_prompt"]
 RUNS = {  # column -> its overrides of the preset
-    "base": ["--config.only_eval=True", "--config.resume_from=stablediffusion"],
+    "base": ["--config.only_eval=True", "--config.resume_from=base"],
     "truncation": [],
     "refl": ["--config.gradient_path=refl"],
 }
