@@ -16,7 +16,6 @@ column.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -27,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from alignprop.errors import UserError, excerpt
+from alignprop.errors import ArgumentParser, UserError, excerpt
 from alignprop.plot import Panel, Series, save_panels
+from alignprop.report import mean_and_standard_error, per_image_metrics
 
 SUMMARY = "summary.json"
 OUTPUTS = ("compare.md", "compare.csv", "compare.png")
@@ -37,7 +37,6 @@ CONFIDENCE = 0.95
 RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CHUNK = 1_000  # bootstrap resamples drawn at once (bounds the memory for large prompt sets)
-NOT_METRICS = {"index", "prompt", "file"}  # the other fields of a summary's per-image entries
 
 
 @dataclass(frozen=True)
@@ -106,23 +105,6 @@ def read_summary(path: Path) -> dict:
     return summary
 
 
-def per_image_metrics(summary: dict, path: Path) -> dict[str, np.ndarray]:
-    """Every number of the per-image entries; "reward" is named by its reward_fn (two rewards never share a row)."""
-    entries = summary["images"]
-    names = [key for key, value in entries[0].items() if key not in NOT_METRICS and is_number(value)]
-    metrics = {}
-    for name in names:
-        if not all(is_number(entry.get(name)) for entry in entries):
-            raise UserError(f"{path}: {name!r} is missing or not a number for some images")
-        shown = f"reward ({summary['reward_fn']})" if name == "reward" and summary.get("reward_fn") else name
-        metrics[shown] = np.array([float(entry[name]) for entry in entries])
-    return metrics
-
-
-def is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def load_evaluation(argument: str) -> Evaluation:
     path = summary_path(argument)
     summary = read_summary(path)
@@ -170,13 +152,6 @@ def prompt_indices(prompts: list[str]) -> np.ndarray:
 
 
 # --- statistics -----------------------------------------------------------------------------------------------
-
-
-def mean_and_standard_error(values: np.ndarray) -> tuple[float, float]:
-    """The mean and its standard error (sample standard deviation / sqrt(n); NaN for one value)."""
-    if len(values) < 2:
-        return float(values.mean()), math.nan
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def paired_difference(
@@ -305,13 +280,8 @@ def write_outputs(rows: list[Row], evaluations: list[Evaluation], directory: Pat
 # --- the command ----------------------------------------------------------------------------------------------
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's usage errors as the project's one line
-        raise UserError(message)
-
-
-def parser(prog: str | None) -> Parser:
-    parse = Parser(
+def parser(prog: str | None) -> ArgumentParser:
+    parse = ArgumentParser(
         prog=prog,
         description="Compare evaluations on the same prompts and noise: mean +- standard error per metric and "
         "column, paired differences with the first column (95% bootstrap interval over prompts).",

@@ -9,7 +9,6 @@ training logs it too); the gradient norm (before clipping) and the learning rate
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from alignprop.errors import UserError, excerpt
+from alignprop.errors import ArgumentParser, UserError, excerpt
 from alignprop.plot import Panel, Series, save_panels
 
 CURVES_FILE = "curves.png"
@@ -92,14 +91,11 @@ def save_curves_after_training(run_dir: Path) -> None:
         logger.warning("could not draw %s: %s", run_dir / CURVES_FILE, error)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's usage errors as the project's one line
-        raise UserError(message)
-
-
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """`RUN`: write RUN/curves.png; a bad input is one line `error: ...`, exit 2, nothing written."""
-    parse = Parser(prog=prog or "python -m alignprop.curves", description="Draw RUN/curves.png from its metrics.")
+    parse = ArgumentParser(
+        prog=prog or "python -m alignprop.curves", description="Draw RUN/curves.png from its metrics."
+    )
     parse.add_argument("run", metavar="RUN", help="a training run directory (with metrics.jsonl)")
     try:
         run_dir = Path(parse.parse_args(argv).run)

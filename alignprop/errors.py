@@ -1,5 +1,7 @@
 """The one exception type that means "the user asked for something we can't do", and how it quotes input."""
 
+import argparse
+
 EXCERPT_CHARS = 80
 
 
@@ -15,6 +17,14 @@ def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
 
 class UserError(Exception):
     """A problem with the user's input: main.py prints its message as one line and exits non-zero."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the tools' own command lines (`alignprop compare`, `alignprop curves`): a usage error is the
+    project's one line, not argparse's usage text and exit status."""
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 class Interrupted(Exception):

@@ -23,8 +23,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from alignprop import checkpoint
 from alignprop.denoiser_files import check_denoiser_folder, is_denoiser_folder, load_denoiser_weights
 from alignprop.errors import UserError, excerpt
@@ -32,6 +30,7 @@ from alignprop.evaluate import evaluation_context, evaluator_for, log_to_tracker
 from alignprop.lora_files import add_adapter, copy_into_adapter, read_lora
 from alignprop.pause import pause_point
 from alignprop.plot import Panel, Series, save_panels
+from alignprop.report import mean_and_standard_error, per_image_metrics
 from alignprop.rundir import slugify
 from alignprop.session import Session, start_trackers
 
@@ -42,7 +41,6 @@ TABLE_FILES = ("table.md", "table.csv")
 CURVES_FILE = "curves.png"
 BASE_DIR = "base"
 ADAPTER = "default"  # the adapter name the evaluate mode loads a LoRA under
-NOT_METRICS = {"index", "prompt", "file"}  # the other fields of a summary's per-image entries
 # Settings besides evaluation_context's that decide which images an evaluation holds (a resumed one must match).
 IMAGE_SETTINGS = ("eval_prompts", "eval_images_per_prompt", "resolution", "eval_reward_fns", "max_vis_images")
 
@@ -195,22 +193,13 @@ def run_sweep(session: Session, config, batch_size: int, run_dir: Path, sweep: S
 # --- the table and the curves ------------------------------------------------------------------------------
 
 
-def per_image_numbers(summary: dict) -> dict[str, np.ndarray]:
-    """Every number of a summary's per-image entries; "reward" is named by its reward_fn."""
-    entries = summary["images"]
-    names = [key for key, value in entries[0].items() if key not in NOT_METRICS and isinstance(value, int | float)]
-    named = lambda name: f"reward ({summary['reward_fn']})" if name == "reward" else name  # noqa: E731
-    return {named(name): np.array([float(entry[name]) for entry in entries]) for name in names}
-
-
 def table_rows(run_dir: Path, targets: list[Target]) -> list[dict]:
     """One row per metric and target, in the metrics' order and then update order."""
     rows = []
     for target in targets:
-        summary = json.loads((run_dir / target.name / SUMMARY_FILE).read_text(encoding="utf-8"))
-        for metric, values in per_image_numbers(summary).items():
-            error = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-            mean = float(values.mean())
+        path = run_dir / target.name / SUMMARY_FILE
+        for metric, values in per_image_metrics(json.loads(path.read_text(encoding="utf-8")), path).items():
+            mean, error = mean_and_standard_error(values)
             rows.append(
                 {
                     "metric": metric,
@@ -218,7 +207,7 @@ def table_rows(run_dir: Path, targets: list[Target]) -> list[dict]:
                     "update": target.update,
                     "images": len(values),
                     "mean": mean,
-                    "standard_error": float(error),
+                    "standard_error": error,
                 }
             )
     order = list(dict.fromkeys(row["metric"] for row in rows))

@@ -76,37 +76,33 @@ def describe(config) -> str:
     return f"quantized at load: {'; '.join(parts)}; LoRA in fp32 on top" if parts else ""
 
 
-def _torchao_config(mode: str):
+def torchao_config(mode: str):
     """torchao's weight-only config object (diffusers 0.42 rejects the old string names with torchao 0.18)."""
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     return Int8WeightOnlyConfig() if mode == "int8" else Float8WeightOnlyConfig()
 
 
-def denoiser_config(mode: str):
-    """diffusers' quantization config for a denoiser (UNet / transformer); None for "none"."""
+def _library_config(library: str, mode: str):
+    """`library`'s (diffusers' or transformers') own quantization config for `mode`; None for "none"."""
     if mode == "none":
         return None
+    configs = importlib.import_module(library)  # each library checks that the config is its own class
     if mode == "nf4":
-        from diffusers import BitsAndBytesConfig
+        return configs.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    return configs.TorchAoConfig(torchao_config(mode))
 
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    from diffusers import TorchAoConfig
 
-    return TorchAoConfig(_torchao_config(mode))
+def denoiser_config(mode: str):
+    """diffusers' quantization config for a denoiser (UNet / transformer); None for "none"."""
+    return _library_config("diffusers", mode)
 
 
 def text_encoder_config(mode: str):
     """transformers' quantization config for a text encoder (CLIP / T5); None for "none"."""
-    if mode == "none":
-        return None
-    if mode == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    from transformers import TorchAoConfig
-
-    return TorchAoConfig(_torchao_config(mode))
+    return _library_config("transformers", mode)
 
 
 def pipeline_config(denoiser_name: str, text_encoder_names: tuple[str, ...], denoiser_mode: str, text_mode: str):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from alignprop.errors import UserError
 from alignprop.rundir import slugify
 
 if TYPE_CHECKING:
@@ -203,3 +204,33 @@ def log_to_trackers(accelerator, prefix: str, summary: dict, grid: Path | None, 
             tracker.log_images({f"{prefix}/grid": image[None]}, step=step, dataformats="NHWC")
         elif hasattr(tracker, "log_images"):
             tracker.log_images({f"{prefix}/grid": [image]}, step=step)
+
+
+# --- reading a summary back (alignprop compare, eval_all_checkpoints) ----------------------------------------
+
+NOT_METRICS = {"index", "prompt", "file"}  # the other fields of a summary's per-image entries
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def per_image_metrics(summary: dict, where: Path | str) -> dict[str, np.ndarray]:
+    """Every number of a summary's per-image entries; "reward" is named by its reward_fn (two rewards never share a
+    row). `where`: the summary's file, named when an entry lacks a number."""
+    entries = summary["images"]
+    names = [key for key, value in entries[0].items() if key not in NOT_METRICS and is_number(value)]
+    metrics = {}
+    for name in names:
+        if not all(is_number(entry.get(name)) for entry in entries):
+            raise UserError(f"{where}: {name!r} is missing or not a number for some images")
+        shown = f"reward ({summary['reward_fn']})" if name == "reward" and summary.get("reward_fn") else name
+        metrics[shown] = np.array([float(entry[name]) for entry in entries])
+    return metrics
+
+
+def mean_and_standard_error(values: np.ndarray) -> tuple[float, float]:
+    """The mean and its standard error (sample standard deviation / sqrt(n); NaN for one value)."""
+    if len(values) < 2:
+        return float(values.mean()), math.nan
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))

@@ -78,7 +78,7 @@ def case_config(case: Case, device: torch.device):
 def quantize_in_memory(model, config) -> None:
     """`pretrained.quantize*` applied to a pipeline built in memory: torchao's `quantize_`, what diffusers' and
     transformers' TorchAoConfig run at load (the same int8 / fp8 tensors, which peft then wraps in its LoRA class)."""
-    from alignprop.quantization import TORCHAO_MODES, _torchao_config
+    from alignprop.quantization import TORCHAO_MODES, torchao_config
 
     denoiser_mode, text_mode = config.pretrained.quantize, config.pretrained.quantize_text_encoders
     targets = [(model.denoiser, denoiser_mode)] + [
@@ -88,7 +88,7 @@ def quantize_in_memory(model, config) -> None:
         if mode in TORCHAO_MODES:
             from torchao.quantization import quantize_
 
-            quantize_(module, _torchao_config(mode))
+            quantize_(module, torchao_config(mode))
         elif mode != "none":
             raise ValueError(f"bench_update quantizes with torchao only (int8, fp8), not {mode!r}")
 
