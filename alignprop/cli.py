@@ -7,7 +7,6 @@ exits 0; no `--config` prints the usage and exits 2 (it never starts a run nobod
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from ml_collections import ConfigDict, config_flags
 
 from alignprop import schema
 from alignprop.errors import Interrupted, UserError, excerpt, shorten
-from alignprop.shipped import CONFIG_FILE
+from alignprop.shipped import CONFIG_FILE, load_config_module
 
 FLAGS = flags.FLAGS
 # No default: a default preset would be parsed (with the overrides) as soon as the flag is defined, before any
@@ -68,13 +67,6 @@ def shown_path(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def load_config_module(path: Path):
-    spec = importlib.util.spec_from_file_location("alignprop_cli_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def preset_lines(path: Path = CONFIG_FILE) -> list[str]:

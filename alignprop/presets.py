@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 from ml_collections import ConfigDict
 
-from alignprop.shipped import CONFIG_FILE
+from alignprop.shipped import CONFIG_FILE, load_config_module
 
 
 def load_preset(name: str) -> ConfigDict:
     """A fresh ConfigDict of preset `name`, exactly what `--config config/align_prop.py:NAME` gives."""
-    spec = importlib.util.spec_from_file_location("align_prop_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)
+    return load_config_module(CONFIG_FILE).get_config(name)

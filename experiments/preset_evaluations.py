@@ -11,13 +11,13 @@ beside the run's training samples. The README's table sits between the markers o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 from pathlib import Path
 
 from alignprop import evaluate, jobs
 from alignprop.batching import plan_batches
-from alignprop.presets import CONFIG_FILE, load_preset
+from alignprop.presets import load_preset
+from alignprop.shipped import CONFIG_FILE, load_config_module
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -29,10 +29,7 @@ MARKERS = (
 
 def preset_names() -> list[str]:
     """config/align_prop.py's PRESETS, in its order."""
-    spec = importlib.util.spec_from_file_location("align_prop_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return list(module.PRESETS)
+    return list(load_config_module(CONFIG_FILE).PRESETS)
 
 
 def row(name: str) -> str:

@@ -148,12 +148,9 @@ def test_bad_value_on_the_command_line(case, tmp_path):
 
 
 def preset_names() -> tuple[str, ...]:
-    import importlib.util
+    from alignprop.shipped import load_config_module
 
-    spec = importlib.util.spec_from_file_location("align_prop_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return tuple(module.PRESETS)
+    return tuple(load_config_module(CONFIG_FILE).PRESETS)
 
 
 @pytest.mark.parametrize("name", preset_names())
