@@ -208,8 +208,12 @@ def resolve_weights(source: str) -> Path:
         return path
     if path.is_file() or (path.is_dir() and (path / LORA_FILE_NAME).is_file() and not looks_like_checkpoint(path)):
         return path if path.is_file() else path / LORA_FILE_NAME
-    saved = resolve(source)
-    averaged = saved.weights_path(averaged=True)  # train.ema_decay: evaluate the average
+    return evaluated_weights(resolve(source))
+
+
+def evaluated_weights(saved: Checkpoint) -> Path:
+    """The weights of `saved` an evaluation uses: its moving average when it holds one (train.ema_decay)."""
+    averaged = saved.weights_path(averaged=True)
     return averaged if averaged.exists() else saved.weights_path()
 
 

@@ -71,7 +71,7 @@ def sweep_settings(config) -> dict:
 
 def checked_weights(saved: checkpoint.Checkpoint) -> Path:
     """A checkpoint's weights as the evaluate mode reads them (its moving average where it has one), readable."""
-    path = checkpoint.resolve_weights(str(saved.path))
+    path = checkpoint.evaluated_weights(saved)
     if is_denoiser_folder(path):
         check_denoiser_folder(path)
     else:
