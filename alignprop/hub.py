@@ -26,7 +26,6 @@ PROMPTS_FILE = "evaluation_prompts.txt"  # the final evaluation's prompts, in la
 DENOISER_DIRS = ("unet", "transformer")  # a full fine-tuning's final folder (`Family.denoiser_name`)
 NAMESPACE_PLACEHOLDER = "YOUR-NAMESPACE"  # a bare hub_model_id while the logged-in user is unknown (offline)
 NOT_UPLOADED = 3  # the command line's exit status when push_to_hub wrote RUN/hub/ but did not upload it
-DTYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16", "no": "torch.float32"}
 
 
 @dataclass(frozen=True)
@@ -147,9 +146,10 @@ def family_name(pipeline: str) -> str:
 
 def base_lines(config, pipeline: str) -> tuple[list[str], str, str]:
     """(YAML metadata lines, the card's "base model" value, the Python line that loads the base pipeline `pipe`)."""
-    from alignprop.models import SINGLE_FILE_SUFFIXES, resolve_model_source
+    from alignprop.models import INFERENCE_DTYPES, SINGLE_FILE_SUFFIXES, resolve_model_source
 
-    base, dtype = config.pretrained.model, DTYPES.get(config.mixed_precision, "torch.float32")
+    precision = config.mixed_precision if config.mixed_precision in INFERENCE_DTYPES else "no"
+    base, dtype = config.pretrained.model, str(INFERENCE_DTYPES[precision])  # e.g. "torch.bfloat16"
     metadata = base_licence(config).metadata()
     source = resolve_model_source(base)
     checker = ", safety_checker=None" if pipeline == "StableDiffusionPipeline" else ""
