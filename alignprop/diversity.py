@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from alignprop.rewards import Reward
+from alignprop.rewards import Reward, listed_rewards
 
 ENCODERS = ("clip_score", "pickscore", "hps", "aesthetic", "toyworld_shape")  # "auto" tries them in this order
 ENCODER_CHOICES = ("auto", "off", *ENCODERS)
@@ -59,7 +59,7 @@ def encoder_name(config) -> str | None:
         return None
     if choice != "auto":
         return choice  # schema.check_diversity_encoder: it is one of the run's rewards
-    built = {config.reward_fn, *(name.strip() for name in config.eval_reward_fns.split(","))}
+    built = {config.reward_fn, *listed_rewards(config.eval_reward_fns)}
     return next((name for name in ENCODERS if name in built), None)
 
 

@@ -241,7 +241,9 @@ def needs_of(config) -> list[Need]:
     if vae:
         needs += [first_found("model: vae", vae, ("config.json",)), first_found("model: vae", vae, DIFFUSERS_WEIGHTS)]
     needs += reward_needs(config.reward_fn, config)
-    for name in dict.fromkeys(part.strip() for part in config.eval_reward_fns.split(",") if part.strip()):
+    from alignprop.rewards.registry import listed_rewards
+
+    for name in dict.fromkeys(listed_rewards(config.eval_reward_fns)):
         if name != config.reward_fn:  # held-out rewards (eval_reward_fns), each read as it would be as reward_fn
             needs += reward_needs(name, config)
     return needs + prompt_needs(config)

@@ -341,10 +341,10 @@ def _one_path_component(name: str) -> None:
 
 
 def _check_eval_reward_names(names: str) -> None:
-    from alignprop.rewards import REGISTRY
+    from alignprop.rewards import REGISTRY, listed_rewards
 
     seen = set()
-    for name in (part.strip() for part in names.split(",") if names.strip()):
+    for name in listed_rewards(names):
         if name not in REGISTRY:
             raise UserError(
                 f"eval_reward_fns: unknown reward {excerpt(name)}; choose from: {', '.join(sorted(REGISTRY))}"
@@ -642,8 +642,9 @@ def check_ignored_settings(config) -> None:
         )
     if config.get("visualize_train") and config.get("max_vis_images", 1) < 1:
         raise UserError("visualize_train saves the first max_vis_images training images: max_vis_images=0 saves none")
-    eval_names = [name.strip() for name in str(config.get("eval_reward_fns", "")).split(",")]
-    if config.get("reward_fn") in eval_names:
+    from alignprop.rewards.registry import listed_rewards
+
+    if config.get("reward_fn") in listed_rewards(str(config.get("eval_reward_fns", ""))):
         raise UserError(
             f"eval_reward_fns names the training reward {config.reward_fn!r}, which every evaluation scores already "
             "(reward_mean): drop it from eval_reward_fns"
@@ -723,7 +724,9 @@ def check_diversity_encoder(config) -> None:
     name = config.get("eval_diversity_encoder", "auto")
     if name in ("auto", "off"):
         return
-    built = {config.get("reward_fn"), *(part.strip() for part in str(config.get("eval_reward_fns", "")).split(","))}
+    from alignprop.rewards.registry import listed_rewards
+
+    built = {config.get("reward_fn"), *listed_rewards(str(config.get("eval_reward_fns", "")))}
     if name not in built:
         raise UserError(
             f"eval_diversity_encoder={name!r} uses the image encoder of that reward, which this run does not build: "
@@ -760,8 +763,9 @@ def check_combination(config) -> None:
     if "rewards" not in config or "combination" not in config.rewards:
         return
     text = config.rewards.combination
-    evaluated = [name.strip() for name in str(config.get("eval_reward_fns", "")).split(",")]
-    if not text and "combined" in evaluated:
+    from alignprop.rewards.registry import listed_rewards
+
+    if not text and "combined" in listed_rewards(str(config.get("eval_reward_fns", ""))):
         raise UserError(
             "eval_reward_fns names 'combined', which needs rewards.combination, e.g. 'aesthetic:1.0,hps:0.5'"
         )

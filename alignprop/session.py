@@ -19,7 +19,7 @@ from alignprop import models, paths, quantization
 from alignprop.errors import UserError
 from alignprop.families import Family
 from alignprop.prompts import configured_prompts
-from alignprop.rewards import Reward, build_reward
+from alignprop.rewards import Reward, build_reward, listed_rewards
 from alignprop.sampling import sampling_options_from_config
 
 
@@ -100,9 +100,8 @@ def check_image_size(name: str, reward: Reward, size: tuple[int, int]) -> None:
 
 def build_eval_rewards(config, device: torch.device, dtype: torch.dtype) -> dict[str, Reward]:
     """The rewards of `eval_reward_fns` (a comma list), each built as it would be as reward_fn."""
-    names = [name.strip() for name in config.eval_reward_fns.split(",") if name.strip()]
     built = {}
-    for name in dict.fromkeys(names):
+    for name in dict.fromkeys(listed_rewards(config.eval_reward_fns)):
         single = config.copy_and_resolve_references()
         single.reward_fn = name
         built[name] = build_reward(single, device, dtype)

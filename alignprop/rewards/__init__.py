@@ -11,7 +11,17 @@ from alignprop.rewards.registry import (
     RewardSettings,
     build_reward,
     check_reward_name,
+    listed_rewards,
     register,
 )
 
-__all__ = ["REGISTRY", "Reward", "RewardResult", "RewardSettings", "build_reward", "check_reward_name", "register"]
+__all__ = [
+    "REGISTRY",
+    "Reward",
+    "RewardResult",
+    "RewardSettings",
+    "build_reward",
+    "check_reward_name",
+    "listed_rewards",
+    "register",
+]

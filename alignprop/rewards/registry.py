@@ -101,6 +101,11 @@ def register(name: str, section: str | None = None) -> Callable[[Builder], Build
     return add
 
 
+def listed_rewards(names: str) -> list[str]:
+    """The reward names of a comma list (`eval_reward_fns`), in order, blanks dropped."""
+    return [name for name in (part.strip() for part in names.split(",")) if name]
+
+
 def check_reward_name(name: str) -> None:
     if name not in REGISTRY:
         raise UserError(f"unknown reward_fn {name!r}; choose one of: {', '.join(sorted(REGISTRY))}")
