@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+
+from alignprop.hub_repos import KNOWN_PIPELINES, LICENCES, Licence
 
 HUB_DIR = "hub"
 GRID_FILE = "before_after.png"
@@ -26,50 +27,6 @@ PROMPTS_FILE = "evaluation_prompts.txt"  # the final evaluation's prompts, in la
 DENOISER_DIRS = ("unet", "transformer")  # a full fine-tuning's final folder (`Family.denoiser_name`)
 NAMESPACE_PLACEHOLDER = "YOUR-NAMESPACE"  # a bare hub_model_id while the logged-in user is unknown (offline)
 NOT_UPLOADED = 3  # the command line's exit status when push_to_hub wrote RUN/hub/ but did not upload it
-
-
-@dataclass(frozen=True)
-class Licence:
-    """A base model's licence as hub metadata (`license`, and for "other" its name and link) and in words."""
-
-    license: str
-    name: str = ""
-    link: str = ""
-
-    def metadata(self) -> list[str]:
-        extra = [f"license_name: {self.name}", f"license_link: {self.link}"] if self.name else []
-        return [f"license: {self.license}", *extra]
-
-
-# The licences of the base models the presets name, as each model's hub page declares them (its README's metadata).
-# A LoRA or fine-tune of a model is a derivative and carries its licence (FLUX.1-dev's: non-commercial).
-LICENCES = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": Licence("creativeml-openrail-m"),
-    "runwayml/stable-diffusion-v1-5": Licence("creativeml-openrail-m"),
-    "stabilityai/stable-diffusion-2-1": Licence("openrail++"),
-    "stabilityai/stable-diffusion-2-1-base": Licence("openrail++"),
-    "stabilityai/stable-diffusion-xl-base-1.0": Licence("openrail++"),
-    **{
-        f"stabilityai/{name}": Licence(
-            "other", "stabilityai-ai-community", f"https://huggingface.co/stabilityai/{name}/blob/main/LICENSE.md"
-        )
-        for name in ("stable-diffusion-3-medium-diffusers", "stable-diffusion-3.5-medium", "stable-diffusion-3.5-large")
-    },
-    "black-forest-labs/FLUX.1-dev": Licence(
-        "other",
-        "flux-1-dev-non-commercial-license",
-        "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
-    ),
-    "black-forest-labs/FLUX.1-schnell": Licence("apache-2.0"),
-}
-# The pipeline classes of the presets' base models, for a card written where model_index.json is not cached.
-KNOWN_PIPELINES = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "StableDiffusionPipeline",
-    "stabilityai/stable-diffusion-xl-base-1.0": "StableDiffusionXLPipeline",
-    "stabilityai/stable-diffusion-3.5-medium": "StableDiffusion3Pipeline",
-    "black-forest-labs/FLUX.1-dev": "FluxPipeline",
-    "black-forest-labs/FLUX.1-schnell": "FluxPipeline",
-}
 OWN_MODELS_LICENCE = Licence("mit")  # the toy-world and tiny models are alignprop's own (its LICENSE)
 UNKNOWN_LICENCE = Licence("unknown")
 
@@ -183,8 +140,7 @@ def gradient_row(config, family: str) -> str:
     """The gradient path and its settings (truncation: strategy and cut), as the run's start-up line says them."""
     from alignprop import paths
 
-    described = paths.from_config(config, family).describe()
-    return described.removeprefix("gradient path: ")
+    return paths.from_config(config, family).summary()
 
 
 def trained_lines(config, run_dir: Path) -> tuple[str, tuple[str, str], str, list[str]]:

@@ -126,11 +126,11 @@ def holds_only_the_config(run_dir: Path) -> bool:
     return all(path.name == "config.json" or path.is_dir() for path in run_dir.rglob("*"))
 
 
-def final_weights(config, run_dir: Path, denoiser_name: str) -> str:
-    """Where the run's final weights go (`Trainable.final_dir`), as the start-up line says it."""
+def final_weights(config, denoiser_name: str) -> str:
+    """Where in the run directory the run's final weights go (`Trainable.final_dir`), as the start-up line says."""
     if config.train.finetune == "full":
-        return f"final denoiser: {run_dir / denoiser_name}"
-    return f"final LoRA: {run_dir / LORA_DIR}"
+        return f"final denoiser: {denoiser_name}/"
+    return f"final LoRA: {LORA_DIR}/"
 
 
 def resumed_epochs(config) -> int:
@@ -155,26 +155,50 @@ def describe_evaluation(config, updates: int, first_update: int = 0) -> str:
     every = f"every {config.vis_freq} updates" if config.vis_freq > 1 else "after every update"
     every = every if config.vis_freq > 0 and config.visualize_eval else "after training"
     return (
-        f"evaluation: {images} images ({config.eval_prompt_fn}, eval_prompts={config.eval_prompts}) before training "
-        f"and {every}: {count} evaluations, {images * count} images"
+        f"evaluation: {images} images ({config.eval_prompt_fn}, {config.eval_prompts}) at the start and {every}: "
+        f"{count} evaluations, {images * count} images"
     )
 
 
 def describe(job: Job, config, run_dir: Path, family: str = "", denoiser_name: str = "unet") -> str:
-    """The start-up lines: where things go and, for training, the batch arithmetic and the gradient path."""
+    """The start-up lines: where things go and, for training, the plan (`describe_plan`)."""
     lines = [f"run directory: {run_dir}"]
     if job.kind == "train":
-        b, first = job.batches, resumed_epochs(config)
-        lines += [
-            f"batches: {b.num_processes} process(es) x {b.batch_size} samples per pass x "
-            f"{b.gradient_accumulation_steps} passes = {config.train.total_batch_size} samples per update; "
-            f"{b.updates_per_epoch} update(s) per epoch x {config.num_epochs} epochs",
-            f"checkpoints: {run_dir / checkpoint.CHECKPOINTS_DIR} {checkpoint.describe_schedule(config, first)}; "
-            f"{final_weights(config, run_dir, denoiser_name)}; metrics: {run_dir / 'metrics.jsonl'}",
-            describe_evaluation(config, config.num_epochs * b.updates_per_epoch, first * b.updates_per_epoch),
-            paths.from_config(config, family).describe(),
-        ]
+        lines += describe_plan(config, job.batches, resumed_epochs(config), family, denoiser_name)
     return "\n".join(lines)
+
+
+def describe_plan(config, b: BatchPlan, first: int = 0, family: str = "", denoiser_name: str = "unet") -> list[str]:
+    """A training run's arithmetic (samples, updates, denoiser calls), what it saves and evaluates, its path."""
+    path = paths.from_config(config, family)
+    updates = (config.num_epochs - first) * b.updates_per_epoch
+    return [
+        f"batches: {b.num_processes} process(es) x {b.batch_size} samples per pass x "
+        f"{b.gradient_accumulation_steps} passes = {config.train.total_batch_size} samples per update; "
+        f"{b.updates_per_epoch} update(s) per epoch x {config.num_epochs} epochs",
+        *describe_calls(
+            path.expected_calls(),
+            updates * config.train.total_batch_size,
+            config.grad_checkpoint or config.block_checkpoint,
+        ),
+        f"checkpoints: {checkpoint.CHECKPOINTS_DIR}/ {checkpoint.describe_schedule(config, first)}",
+        f"{final_weights(config, denoiser_name)}; metrics: metrics.jsonl (both in the run directory)",
+        describe_evaluation(config, config.num_epochs * b.updates_per_epoch, first * b.updates_per_epoch),
+        *path.describe().splitlines(),
+    ]
+
+
+def describe_calls(calls: paths.base.Calls, samples: int, checkpointed: bool) -> list[str]:
+    """Denoiser calls per training sample (the path's mean; one call over [uncond; cond] counts once) and in all."""
+    count = lambda value: f"{value:,.1f}".removesuffix(".0")  # noqa: E731
+    lines = [
+        f"denoiser calls per sample: {count(calls.with_gradient)} with gradient + {count(calls.without_gradient)} "
+        f"without (mean); this run's {samples:,} samples: {count(calls.with_gradient * samples)} + "
+        f"{count(calls.without_gradient * samples)}"
+    ]
+    if checkpointed:  # what the backward adds to the forward passes counted above
+        lines.append("  (checkpointing: each call with gradient runs a second time in the backward)")
+    return lines
 
 
 def run_job(config) -> tuple[Job, Path, object]:

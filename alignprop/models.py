@@ -43,6 +43,13 @@ SHORT_NAMES = {
         ("tiny_sdxl", "tiny_sd2v", "tiny_sd3", "tiny_sd35", "tiny_flux", "tiny_flux_schnell"), TINY_FAMILIES
     ),
 }
+# The family of each short name's model (as model_index.json names it once built), for what is said before loading.
+SHORT_NAME_FAMILIES = {
+    **dict.fromkeys(("tiny", "toyworld", "tiny_sd2v"), "sd"),
+    "tiny_sdxl": "sdxl",
+    **dict.fromkeys(("toyworld_flow", "tiny_sd3", "tiny_sd35"), "sd3"),
+    **dict.fromkeys(("tiny_flux", "tiny_flux_schnell"), "flux"),
+}
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 NOT_QUANTIZED = ("none", "none")  # (denoiser, text encoders): see alignprop.quantization
 SINGLE_FILE_CONFIG_OPTION = "--config.pretrained.config"

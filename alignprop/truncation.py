@@ -56,12 +56,28 @@ class Truncation:
         if not self.gaussian_std > 0:
             raise UserError(f"truncation_gaussian_std must be positive, got {self.gaussian_std}")
         # int() truncates toward zero, so the cut lands in [1, T-1] iff the draw lies in [1, T).
-        cdf = lambda x: 0.5 * (1 + math.erf((x - self.gaussian_mean) / (self.gaussian_std * math.sqrt(2))))  # noqa: E731
-        if cdf(self.steps) - cdf(1) < GAUSSIAN_MIN_PROBABILITY:
+        if self._gaussian_cdf(self.steps) - self._gaussian_cdf(1) < GAUSSIAN_MIN_PROBABILITY:
             raise UserError(
                 f"gaussian truncation N({self.gaussian_mean}, {self.gaussian_std}) almost never gives a cut in "
                 f"[1, {self.steps - 1}] for steps={self.steps}; set truncation_gaussian_mean inside that range"
             )
+
+    def _gaussian_cdf(self, x: float) -> float:
+        return 0.5 * (1 + math.erf((x - self.gaussian_mean) / (self.gaussian_std * math.sqrt(2))))
+
+    def cut_probabilities(self) -> dict[int, float]:
+        """P(cut = c) (steps i >= c keep their gradient); per_step_uniform: of each step's own cut. The gaussian's
+        cut is int(x), x ~ N(mean, std) redrawn until the cut lies in [1, steps - 1]: int(x) = c iff c <= x < c + 1."""
+        if self.strategy == "full":
+            return {0: 1.0}
+        if self.strategy == "fixed":
+            return {self.cut: 1.0}
+        if self.strategy in ("uniform", "per_step_uniform"):
+            low, high = self.minmax
+            return {cut: 1 / (high - low + 1) for cut in range(low, high + 1)}
+        masses = {cut: self._gaussian_cdf(cut + 1) - self._gaussian_cdf(cut) for cut in range(1, self.steps)}
+        total = sum(masses.values())
+        return {cut: mass / total for cut, mass in masses.items()}
 
     def draw(self, generator: torch.Generator) -> tuple[bool, ...]:
         """One plan (`keep_grad`): element i is True when step i's denoiser call keeps its gradient."""

@@ -410,8 +410,10 @@ def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_pa
         **{"gradient_paths.refl.last_steps": (1, 2), "gradient_paths.drtune.train_steps": 2},
     )
     _, run_dir, _ = run_job(config)
-    startup = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gradient path:")]
-    assert len(startup) == 1 and startup[0].startswith(f"gradient path: {path} (") and "reference: " in startup[0]
+    lines = capsys.readouterr().out.splitlines()
+    startup = [index for index, line in enumerate(lines) if line.startswith("gradient path:")]
+    assert len(startup) == 1 and lines[startup[0]].startswith(f"gradient path: {path} (")
+    assert lines[startup[0] + 1] == f"reference: {paths.REGISTRY[path].reference}"
     assert list((run_dir / "checkpoints").glob("checkpoint_1*")), "no checkpoint written"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "grad_norm" in r]

@@ -227,9 +227,11 @@ def test_dry_run_lists_the_file_and_its_layout(preset, single_file, tiny_dir, em
     ]
     assert all(need.present for need in needs)
     config.pretrained.config = ""  # diffusers would infer SD1.5's hub repo from the file: not cached here
-    missing = [need for need in dry_run.needs_of(config) if not need.present]
-    assert [need.name for need in missing] == ["stable-diffusion-v1-5/stable-diffusion-v1-5: model_index.json"]
-    assert "inferred from the file" in missing[0].note
+    missing = [need.name for need in dry_run.needs_of(config) if not need.present]
+    layout = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert missing[0] == f"{layout}: model_index.json" and f"{layout}: unet/config.json" in missing
+    assert not [name for name in missing if "safetensors" in name]  # the repo's configs, never its weights
+    assert "inferred from the file" in [need for need in dry_run.needs_of(config) if not need.present][0].note
 
 
 def test_the_model_card_loads_the_single_file_with_its_layout(preset, single_file, tiny_dir, tmp_path):

@@ -14,6 +14,9 @@ decoded and scored. The Trainer uses every path the same way, for every micro-ba
    and score, each with its loss weight. The Trainer decodes, scores and shapes the loss of each branch and
    sums them with their weights.
 
+`denoiser_calls(plan)` counts the denoiser calls of a micro-batch with and without gradient (metrics.jsonl logs
+`gradient_calls`, the first); `expected_calls()` their mean over the path's plans from its settings alone (the dry run).
+
 A path gets the model's family (its schedule hooks: `set_timesteps`, `step`, `denoised`, `add_noise`, ...), the
 sampling options and its plan; never the Trainer.
 """
@@ -21,6 +24,7 @@ sampling options and its plan; never the Trainer.
 from __future__ import annotations
 
 import abc
+import textwrap
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -62,8 +66,39 @@ class Plan:
         return {"trained_steps": self.trained_steps()}
 
 
+@dataclass(frozen=True)
+class Calls:
+    """Denoiser calls per sample: with gradient and without (a guided call over [uncond; cond] counts once)."""
+
+    with_gradient: float
+    without_gradient: float
+
+    def __add__(self, other: Calls) -> Calls:
+        return Calls(self.with_gradient + other.with_gradient, self.without_gradient + other.without_gradient)
+
+    def scaled(self, factor: float) -> Calls:
+        return Calls(self.with_gradient * factor, self.without_gradient * factor)
+
+
+def mean_calls(outcomes) -> Calls:
+    """The mean of (probability, Calls) pairs whose probabilities sum to 1."""
+    return sum((calls.scaled(probability) for probability, calls in outcomes), Calls(0, 0))
+
+
+def uniform_mean(calls: list[Calls]) -> Calls:
+    """The mean of equally likely `Calls`."""
+    return mean_calls((1 / len(calls), each) for each in calls)
+
+
+def runs_guidance(family: str, guidance_scale: float) -> bool:
+    """Whether a family's sampler runs classifier-free guidance (`Family.guided`, without the model): never on FLUX
+    (its guidance is an input of the model), else at any scale but 1."""
+    return family != "flux" and guidance_scale != 1.0
+
+
 class GradientPath(abc.ABC):
-    """One gradient path. Subclasses set `name` and `reference` and implement `draw` and `sample`."""
+    """One gradient path. Subclasses set `name` and `reference` and implement `draw`, `sample` and `expected_calls`
+    (and `denoiser_calls` where the sampler's one call per step does not describe them)."""
 
     name: ClassVar[str] = ""
     reference: ClassVar[str] = ""  # the paper and the reference code file it follows
@@ -73,15 +108,23 @@ class GradientPath(abc.ABC):
         self.family = family  # the model family's name ("sd", "sdxl", "sd3", "flux"; "" when unknown)
         nested = config.gradient_paths.get(self.name)  # the knobs of a path configured as its own section
         self.knobs = nested.to_dict() if hasattr(nested, "to_dict") else {}
+        self.guided = runs_guidance(family, config.sd_guidance_scale)
 
     def settings(self) -> dict:
         """What the start-up line shows of this path's settings (its own section's knobs, by default)."""
         return dict(self.knobs)
 
-    def describe(self) -> str:
-        """The start-up line: the path, its settings and its reference."""
+    def summary(self) -> str:
+        """The path and its settings, e.g. "refl (last_steps=(1, 10))" (the start-up line, the model card)."""
         settings = ", ".join(f"{key}={value}" for key, value in self.settings().items())
-        return f"gradient path: {self.name} ({settings}); reference: {self.reference}"
+        return f"{self.name} ({settings})"
+
+    def describe(self) -> str:
+        """The start-up lines: the path with its settings (wrapped), then its reference."""
+        path = textwrap.fill(
+            f"gradient path: {self.summary()}", width=110, subsequent_indent="    ", break_long_words=False
+        )
+        return f"{path}\nreference: {self.reference}"
 
     @staticmethod
     def check(config) -> None:
@@ -99,7 +142,25 @@ class GradientPath(abc.ABC):
 
     def gradient_calls(self, plan: Plan) -> int:
         """Denoiser calls with gradient per sample (a guided call over [uncond; cond] counts once)."""
-        return len(plan.trained_steps())
+        return int(self.denoiser_calls(plan).with_gradient)
+
+    def denoiser_calls(self, plan: Plan) -> Calls:
+        """The denoiser calls of one micro-batch along `plan` (draw and sample; the no-grad prefix included, run for
+        this micro-batch alone: `train.no_grad_batch_size` merges several micro-batches' prefix calls into fewer,
+        larger ones), by whether autograd records them. The forward pass only: with `grad_checkpoint` each call with
+        gradient runs once more in the backward. By default the sampler's: one call per step, with gradient where
+        the plan keeps it."""
+        trained = len(plan.trained_steps())
+        return Calls(trained, self.steps - trained)
+
+    @abc.abstractmethod
+    def expected_calls(self) -> Calls:
+        """The mean of `denoiser_calls` over this path's plans, from its settings alone (no model, no latents)."""
+
+    def guided_calls(self, count: int, uncond_gradient: bool) -> Calls:
+        """`count` guided predictions with autograd on: with CFG and `uncond_gradient=False` each runs its
+        unconditional half in a call of its own without gradient (`guided_prediction`)."""
+        return Calls(count, count if self.guided and not uncond_gradient else 0)
 
     def gradient_free_steps(self, plan: Plan) -> int:
         """Leading sampler steps without gradient (the steps before the first trained one, by default)."""

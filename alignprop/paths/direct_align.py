@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags, fresh_noise, one_step, rollout, uniform_int
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags, fresh_noise, one_step, rollout, uniform_int
 from alignprop.sampling import guided_prediction
 
 NOISE_SOURCES = ("initial", "fresh")
@@ -145,8 +145,12 @@ class DirectAlign(GradientPath):
         d_inv = linear_discount(level, self.noise_range, self.inversion_discount)
         return DirectAlignPlan(flags(self.steps, {step}), step, level, d_pos, d_inv, noise)
 
-    def gradient_calls(self, plan) -> int:
-        return 2 if self.branch == "both" else 1
+    def denoiser_calls(self, plan) -> Calls:
+        return self.expected_calls()  # the same for every plan
+
+    def expected_calls(self) -> Calls:
+        # the whole chain without gradient, then one guided call per branch with both CFG halves' gradient
+        return Calls(2 if self.branch == "both" else 1, self.steps)
 
     def gap_at(self, s: int) -> int:
         return min(GRID - s, self.gap, s)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags, fresh_noise, one_step
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags, fresh_noise, one_step
 from alignprop.sampling import sample
 
 COMBINE = ("mean", "sum")
@@ -52,8 +52,15 @@ class DraftLv(GradientPath):
         if knobs.combine not in COMBINE:
             raise UserError(f"gradient_paths.draft_lv.combine={knobs.combine!r}; choose one of: {', '.join(COMBINE)}")
 
-    def gradient_calls(self, plan) -> int:
-        return 1 + len(plan.noises)
+    def denoiser_calls(self, plan) -> Calls:
+        return self.calls(len(plan.noises))
+
+    def expected_calls(self) -> Calls:
+        return self.calls(self.renoise)
+
+    def calls(self, renoised: int) -> Calls:
+        """The steps before the last without gradient; the last and each re-noising's step with it."""
+        return Calls(0, self.steps - 1) + self.guided_calls(1 + renoised, self.uncond_gradient)
 
     def plan(self, noises) -> DraftLvPlan:
         return DraftLvPlan(flags(self.steps, {self.steps - 1}), tuple(noises))

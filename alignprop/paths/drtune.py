@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags, uniform_int
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags, uniform_int, uniform_mean
 from alignprop.sampling import guided_prediction, sample
 
 
@@ -66,6 +66,16 @@ class Drtune(GradientPath):
     def plan(self, stop: int, trained_steps) -> DrtunePlan:
         return DrtunePlan(flags(self.steps, set(trained_steps)), stop)
 
+    def denoiser_calls(self, plan) -> Calls:
+        # steps 0..stop once each (the chain stops at m), the trained ones with gradient
+        trained = len(plan.trained_steps())
+        return Calls(0, plan.stop + 1 - trained) + self.guided_calls(trained, self.uncond_gradient)
+
+    def expected_calls(self) -> Calls:
+        # spaced_steps trains min(K, m + 1) of the steps 0..m whatever its start: only the stop matters
+        stops = early_stops(self.steps, self.early_stop)
+        return uniform_mean([self.denoiser_calls(self.plan(m, range(min(self.train_steps, m + 1)))) for m in stops])
+
     def draw(self, random, model, latents) -> DrtunePlan:
         stop = early_stop_step(self.steps, self.early_stop, random.plans)
         return self.plan(stop, spaced_steps(stop + 1, self.train_steps, random.plans))
@@ -83,10 +93,21 @@ class Drtune(GradientPath):
         return [Branch("x0", model.denoised(prediction, timestep, before))]
 
 
+def early_stop_span(steps: int, ratio: float) -> int:
+    """round(ratio * T), at most T: the early stop's r ranges over 1..span (0: no early stop)."""
+    return min(int(round(steps * ratio)), steps)
+
+
 def early_stop_step(steps: int, ratio: float, generator: torch.Generator) -> int:
     """m = T - r, r ~ U{1..round(ratio * T)}; the last step when that rounds to 0."""
-    span = min(int(round(steps * ratio)), steps)
+    span = early_stop_span(steps, ratio)
     return steps - 1 if span <= 0 else steps - uniform_int(1, span, generator)
+
+
+def early_stops(steps: int, ratio: float) -> list[int]:
+    """The stops `early_stop_step` draws, equally likely."""
+    span = early_stop_span(steps, ratio)
+    return [steps - 1] if span <= 0 else [steps - r for r in range(1, span + 1)]
 
 
 def spaced_steps(length: int, count: int, generator: torch.Generator) -> list[int]:

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags
 from alignprop.paths.flowbp_common import (
     PairDraw,
     check_auto_or_at_least,
@@ -107,6 +107,18 @@ class FlowBPBridge(GradientPath):
         if not after or after[0] != j or after[-1] >= self.steps:
             raise UserError(f"flowbp_bridge: the active steps from j={j} must start at j, got {list(after)}")
         return BridgePlan(flags(self.steps, set(before) | set(after)), k, j, before, after)
+
+    def denoiser_calls(self, plan) -> Calls:
+        return self.calls(len(plan.before) + len(plan.after))
+
+    def expected_calls(self) -> Calls:
+        # split_active shares one budget between the two sides of j, whatever k and j
+        steps = self.steps
+        return self.pairs.mean(steps, lambda k, j: self.calls(sum(split_active(self.num_active_steps, j, steps - j))))
+
+    def calls(self, active: int) -> Calls:
+        """The whole rollout without gradient, then each active step's velocity again with it."""
+        return Calls(0, self.steps) + self.guided_calls(active, self.uncond_gradient)
 
     def draw(self, random, model, latents) -> BridgePlan:
         steps, generator = self.steps, random.plans

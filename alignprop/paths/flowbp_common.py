@@ -24,6 +24,7 @@ import torch
 
 from alignprop.errors import UserError
 from alignprop.families.sd3 import FlowMatching
+from alignprop.paths.base import Calls, mean_calls, uniform_mean
 from alignprop.paths.step_draws import capped_leap_pair, dirichlet_pair, leap_pair
 from alignprop.sampling import guided_prediction
 
@@ -31,6 +32,7 @@ PAIR_MODES = ("uniform", "dirichlet")  # FlowBP's jk_sampling_mode values its fi
 SUPPORT_MODES = ("start", "midpoint", "all")  # flowbp_lagrange_grad_support_mode (its "none" trains nothing)
 WEIGHT_SCHEMES = ("lagrange", "uniform")  # flowbp_lagrange_weight_scheme (its "adams_bashforth": SD3.5 only)
 AUTO = -1  # a numeric knob's "the model family's value from FlowBP's final configs"
+MEAN_DRAWS = 4096  # Dirichlet draws behind `PairDraw.mean` (standard error: 1/64 of the counts' standard deviation)
 
 
 # --- settings ------------------------------------------------------------------------------------------------
@@ -80,6 +82,26 @@ class PairDraw:
         if self.max_j_reverse > 0:
             return capped_leap_pair(steps, self.max_j_reverse, generator)
         return leap_pair(steps, generator)
+
+    def mean(self, steps: int, calls_of) -> Calls:
+        """The mean of `calls_of(k, j)` over the drawn pairs: exact when it is the same for every pair or the draw is
+        uniform (capped or not); else (Dirichlet) Monte-Carlo over MEAN_DRAWS draws of `draw` from a generator
+        seeded 0, the same number every time."""
+        outcomes = {(k, j): calls_of(k, j) for j in range(steps) for k in range(j)}
+        if len(set(outcomes.values())) == 1:
+            return next(iter(outcomes.values()))
+        if self.mode == "dirichlet":
+            generator = torch.Generator().manual_seed(0)
+            return uniform_mean([outcomes[self.draw(steps, generator)] for _ in range(MEAN_DRAWS)])
+        return mean_calls((self.probability(steps, k, j), calls) for (k, j), calls in outcomes.items())
+
+    def probability(self, steps: int, k: int, j: int) -> float:
+        """P(k, j) of the uniform draws: every pair alike (`leap_pair`), or j's reverse index ~ U{1..min(cap, T - 1)}
+        then k's ~ U{j_rev + 1..T} (`capped_leap_pair`)."""
+        if self.max_j_reverse <= 0:
+            return 2 / (steps * (steps - 1))
+        j_choices = min(self.max_j_reverse, steps - 1)
+        return 1 / (j_choices * j) if steps - j <= j_choices else 0.0
 
 
 def check_pair_knobs(config, section: str) -> None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags
 from alignprop.paths.flowbp_common import (
     SUPPORT_MODES,
     WEIGHT_SCHEMES,
@@ -150,6 +150,15 @@ class FlowBPLagrange(GradientPath):
         active_j0 = tuple(active_supports(list(supports_j0), self.support_mode, self.max_active))
         trained = {k, j} | set(active_kj) | set(active_j0)
         return LagrangePlan(flags(steps, trained), k, j, supports_kj, active_kj, supports_j0, active_j0)
+
+    def denoiser_calls(self, plan) -> Calls:
+        # the whole rollout without gradient; v_k, v_j and each other active support's velocity with it (a
+        # quadrature reuses its start's velocity)
+        others = len(set(plan.active_kj) - {plan.k}) + len(set(plan.active_j0) - {plan.j})
+        return Calls(0, self.steps) + self.guided_calls(2 + others, self.uncond_gradient)
+
+    def expected_calls(self) -> Calls:
+        return self.pairs.mean(self.steps, lambda k, j: self.denoiser_calls(self.plan(k, j)))
 
     def draw(self, random, model, latents) -> LagrangePlan:
         return self.plan(*self.pairs.draw(self.steps, random.plans))

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags
 from alignprop.paths.flowbp_common import (
     check_auto_or_at_least,
     check_flow_model,
@@ -41,7 +41,7 @@ from alignprop.paths.flowbp_common import (
     rollout,
     straight_through,
 )
-from alignprop.paths.step_draws import late_biased_steps
+from alignprop.paths.step_draws import late_biased_count, late_biased_steps
 from alignprop.sampling import guided_prediction
 
 # FlowBP's final configs: configs/final/sd35/sd3_5_flowbp_sparse.yaml:56-59 ("sd3"), flux1_flowbp_sparse.yaml:46-49
@@ -87,6 +87,16 @@ class FlowBPSparse(GradientPath):
         if not active or not all(0 <= step < self.steps for step in active):
             raise UserError(f"flowbp_sparse: active steps {list(active)} must be some of 0..{self.steps - 1}")
         return SparsePlan(flags(self.steps, set(active)), active)
+
+    def denoiser_calls(self, plan) -> Calls:
+        return self.calls(len(plan.active))
+
+    def expected_calls(self) -> Calls:
+        return self.calls(late_biased_count(self.steps, self.num_active_steps))
+
+    def calls(self, active: int) -> Calls:
+        """The whole rollout without gradient, then each active step's velocity again with it."""
+        return Calls(0, self.steps) + self.guided_calls(active, self.uncond_gradient)
 
     def draw(self, random, model, latents) -> SparsePlan:
         return self.plan(late_biased_steps(self.steps, self.num_active_steps, self.late_bias, random.plans))

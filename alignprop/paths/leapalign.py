@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags, rollout
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags, rollout
 from alignprop.paths.step_draws import leap_pair
 from alignprop.sampling import guided_prediction
 
@@ -76,6 +76,13 @@ class LeapAlign(GradientPath):
 
     def plan(self, k: int, j: int) -> LeapPlan:
         return LeapPlan(flags(self.steps, {k, j}), k, j)
+
+    def denoiser_calls(self, plan) -> Calls:
+        return self.expected_calls()  # the same for every plan
+
+    def expected_calls(self) -> Calls:
+        # every step once, whatever (k, j): the two at k and j guided with gradient, the others without
+        return Calls(0, self.steps - 2) + self.guided_calls(2, self.uncond_gradient)
 
     def draw(self, random, model, latents) -> LeapPlan:
         return self.plan(*leap_pair(self.steps, random.plans))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignprop.errors import UserError
-from alignprop.paths.base import Branch, GradientPath, Plan, flags, rollout, uniform_int
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan, flags, rollout, uniform_int, uniform_mean
 from alignprop.sampling import guided_prediction
 
 
@@ -52,6 +52,14 @@ class ReFL(GradientPath):
 
     def plan(self, step: int) -> ReflPlan:
         return ReflPlan(flags(self.steps, {step}), step)
+
+    def denoiser_calls(self, plan) -> Calls:
+        # the sampler without gradient up to the trained step, then that step's one guided prediction
+        return Calls(0, plan.step) + self.guided_calls(1, self.uncond_gradient)
+
+    def expected_calls(self) -> Calls:
+        low, high = self.last_steps
+        return uniform_mean([self.denoiser_calls(self.plan(self.steps - k)) for k in range(low, high + 1)])
 
     def draw(self, random, model, latents) -> ReflPlan:
         low, high = self.last_steps

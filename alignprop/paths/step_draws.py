@@ -74,9 +74,14 @@ def late_biased_steps(steps: int, count: int, bias: float, generator: torch.Gene
     """`count` distinct steps of 0..steps-1 (all of them, without a draw, when count >= steps), drawn without
     replacement with weights (i + 1)^bias in float32: later steps more often for bias > 0
     (`_sample_late_biased_indices`, sd35/flowbp_sparse.py:27-63, flux1/flowbp_sparse.py:57-95). Sorted."""
-    count = max(1, min(count, steps))
+    count = late_biased_count(steps, count)
     if count >= steps:
         return list(range(steps))
     weights = (torch.arange(steps, dtype=torch.float32) + 1).pow(float(bias))
     chosen = torch.multinomial(weights / weights.sum(), count, replacement=False, generator=generator)
     return sorted(int(step) for step in chosen.tolist())
+
+
+def late_biased_count(steps: int, count: int) -> int:
+    """How many steps `late_biased_steps` draws: `count`, at least 1 and at most `steps`."""
+    return max(1, min(count, steps))

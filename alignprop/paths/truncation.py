@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignprop.paths.base import Branch, GradientPath, Plan
+from alignprop.paths.base import Branch, Calls, GradientPath, Plan
 from alignprop.sampling import sample
 from alignprop.truncation import truncation_from_config
 
@@ -41,6 +41,13 @@ class Truncation(GradientPath):
             "gaussian": {"mean": strategy.gaussian_mean, "std": strategy.gaussian_std},
         }
         return {"strategy": strategy.strategy, "steps": strategy.steps, **chosen.get(strategy.strategy, {})}
+
+    def expected_calls(self) -> Calls:
+        # Step i keeps its gradient when the cut is <= i; per_step_uniform draws a cut per step with the same
+        # distribution, so each step's chance is the same as with one cut.
+        cuts = self.strategy.cut_probabilities()
+        kept = sum(p for step in range(self.steps) for cut, p in cuts.items() if cut <= step)
+        return Calls(kept, self.steps - kept)
 
     def draw(self, random, model, latents) -> TruncationPlan:
         return TruncationPlan(self.strategy.draw(random.plans))
