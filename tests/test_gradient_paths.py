@@ -413,7 +413,8 @@ def test_each_path_trains_through_run_job_and_writes_a_checkpoint(preset, tmp_pa
     lines = capsys.readouterr().out.splitlines()
     startup = [index for index, line in enumerate(lines) if line.startswith("gradient path:")]
     assert len(startup) == 1 and lines[startup[0]].startswith(f"gradient path: {path} (")
-    assert lines[startup[0] + 1] == f"reference: {paths.REGISTRY[path].reference}"
+    after = lines[startup[0] + 1 :]
+    assert next(line for line in after if not line.startswith("    ")) == f"reference: {paths.REGISTRY[path].reference}"
     assert list((run_dir / "checkpoints").glob("checkpoint_1*")), "no checkpoint written"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in records if "grad_norm" in r]
