@@ -134,14 +134,8 @@ def sharded(what: str, source: str, index_name: str, index: Path, revision: str 
         name = f"{source}: {index_name} ({missing} of {len(shards)} shards missing)"
         size = total - sum(shard.stat().st_size for shard in shards if shard) if isinstance(total, int) else None
         return Need(what, name, None, where(source), known_size=size, **origin)
-    return Need(
-        what,
-        f"{source}: {index_name}",
-        index,
-        where(source),
-        known_size=sum(s.stat().st_size for s in shards),
-        **origin,
-    )
+    size = sum(shard.stat().st_size for shard in shards)
+    return Need(what, f"{source}: {index_name}", index, where(source), known_size=size, **origin)
 
 
 def download_patterns(candidates: tuple[str, ...]) -> tuple[str, ...]:

@@ -74,8 +74,8 @@ def reward_options():
     toyworld.area_target = 0.3  # fraction of the image
     toyworld.position_target = (0.3, 0.3)  # x, y in [0, 1], (0, 0) = top left
 
-    # SRPO's relative reward for hps / pickscore / clip_score: (positive, negative) control phrases put before the
-    # prompt, the reward is r(positive prompt) - r(negative prompt) (alignprop/rewards/relative.py); () off.
+    # SRPO's relative reward for hps / pickscore / clip_score / imagereward: (positive, negative) control phrases put
+    # before the prompt, the reward is r(positive prompt) - r(negative prompt) (alignprop/rewards/relative.py); () off.
     rewards.relative_control = ()
     # reward_fn="combined": weighted sum of named rewards, e.g. "aesthetic:1.0,hps:0.5".
     rewards.combination = ""

@@ -12,7 +12,7 @@ import torch
 from alignprop.errors import UserError
 from alignprop.rewards.base import Reward, RewardResult
 
-TEXT_CONDITIONED = ("hps", "pickscore", "clip_score")
+TEXT_CONDITIONED = ("hps", "pickscore", "clip_score", "imagereward")
 
 
 def controlled(phrase: str, prompts: list[str]) -> list[str]:

@@ -369,3 +369,22 @@ def test_it_serves_as_a_held_out_reward(imagereward_config):
     rewards = build_eval_rewards(config, torch.device("cpu"), torch.float32)
     assert list(rewards) == ["imagereward"] and isinstance(rewards["imagereward"], ImageReward)
     assert not rewards["imagereward"].training
+
+
+def test_it_serves_srpo_relative_reward(imagereward_config):
+    """rewards.relative_control on ImageReward: the score with the positive phrase minus the negative one."""
+    from alignprop.rewards.relative import Relative
+
+    control = ("a watercolor", "a snow")  # words of the tiny vocabulary: the two phrasings differ
+    config = imagereward_config()
+    config.rewards.relative_control = control
+    relative = build_reward(config, torch.device("cpu"), torch.float32)
+    plain = build_reward(imagereward_config(), torch.device("cpu"), torch.float32)
+    assert isinstance(relative, Relative)
+    images = sample_images()
+    result = relative.score(images, PROMPTS)
+    positive = plain.score(images, [f"{control[0]} {prompt}" for prompt in PROMPTS]).reward
+    negative = plain.score(images, [f"{control[1]} {prompt}" for prompt in PROMPTS]).reward
+    torch.testing.assert_close(result.reward, positive - negative, rtol=0, atol=1e-6)
+    torch.testing.assert_close(result.loss, negative - positive, rtol=0, atol=1e-6)  # loss = -(relative reward)
+    assert result.reward.abs().max() > 1e-4  # the phrases change the score
