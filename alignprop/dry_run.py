@@ -413,13 +413,20 @@ def model_family(config, needs: list[Need]) -> tuple[str, str]:
 
 
 def plan_report(config, needs: list[Need]) -> str:
-    """The training run's arithmetic (`jobs.describe_plan`), or why it cannot be worked out yet."""
-    from alignprop import jobs, runtime
+    """The training run's arithmetic (`jobs.describe_plan`), an evaluation's size, or why it cannot be worked out
+    yet."""
+    from alignprop import evaluate, jobs, runtime
     from alignprop.batching import plan_batches
 
-    if config.only_eval or config.soup_inference:
-        return ""
+    if config.soup_inference or config.get("eval_all_checkpoints"):
+        return ""  # their size depends on the soup's points / the run's checkpoints: the run says it
     try:
+        if config.only_eval:
+            images = len(evaluate.evaluation_prompts(config))
+            return (
+                f"the evaluation: {images:,} images ({config.eval_prompt_fn}, {config.eval_prompts}), {config.steps} "
+                f"sampler steps each ({images * config.steps:,} image-steps, without gradient)"
+            )
         batches = plan_batches(config.train, runtime.process_count())
         first = jobs.resumed_epochs(config) if config.resume_from else 0
         return "\n".join(

@@ -269,3 +269,17 @@ def test_every_training_preset_plans_in_lines_that_fit_a_terminal(preset):
             continue
         lines = describe_plan(config, plan_batches(config.train, 1), 0, "flux", "transformer")
         assert all(len(line) <= 120 for line in lines), (name, [line for line in lines if len(line) > 120])
+
+
+def test_an_evaluation_dry_run_says_how_many_images_the_evaluation_makes(preset, tmp_path, capsys):
+    from alignprop.jobs import run_job
+
+    config = preset("tiny")
+    config.logdir, config.only_eval, config.resume_from = str(tmp_path / "logs"), True, "base"
+    config.eval_images_per_prompt = 2
+    dry_run(config, "tiny")
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("the evaluation:"))
+    _, run_dir, _ = run_job(config)
+    images = len(list((run_dir / "images").glob("*.png")))
+    assert line.startswith(f"the evaluation: {images} images (toyworld_heldout, all), {config.steps} sampler steps")
+    assert images == 60  # the 30 held-out captions, 2 images each
