@@ -135,6 +135,7 @@ def help_text(argv0: str) -> str:
             f"  {prog} --config {tiny}                      # the CPU demo: no downloads, ~1 minute",
             f"  {prog} --config {tiny} --config.num_epochs=2 --config.train.learning_rate=5e-4",
             f"  {prog} --config {tiny} --config.only_eval=True --config.resume_from=logs/RUN",
+            f"  {prog} --config {preset_spec('hps_flux')} --config.dry_run=True   # what to download; the run's size",
             f"  {launcher(argv0)} --config {preset_spec('aesthetic')}",
             "",
             "commands:",
