@@ -44,6 +44,7 @@ from alignprop.paths.flowbp_common import (
     grad_scale,
     rescale_factor,
     rollout,
+    rollout_calls,
     straight_through,
 )
 from alignprop.paths.step_draws import late_biased_steps
@@ -109,16 +110,14 @@ class FlowBPBridge(GradientPath):
         return BridgePlan(flags(self.steps, set(before) | set(after)), k, j, before, after)
 
     def denoiser_calls(self, plan) -> Calls:
-        return self.calls(len(plan.before) + len(plan.after))
+        return rollout_calls(self, len(plan.before) + len(plan.after))
 
     def expected_calls(self) -> Calls:
         # split_active shares one budget between the two sides of j, whatever k and j
         steps = self.steps
-        return self.pairs.mean(steps, lambda k, j: self.calls(sum(split_active(self.num_active_steps, j, steps - j))))
-
-    def calls(self, active: int) -> Calls:
-        """The whole rollout without gradient, then each active step's velocity again with it."""
-        return Calls(0, self.steps) + self.guided_calls(active, self.uncond_gradient)
+        return self.pairs.mean(
+            steps, lambda k, j: rollout_calls(self, sum(split_active(self.num_active_steps, j, steps - j)))
+        )
 
     def draw(self, random, model, latents) -> BridgePlan:
         steps, generator = self.steps, random.plans

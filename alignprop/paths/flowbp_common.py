@@ -104,6 +104,12 @@ class PairDraw:
         return 1 / (j_choices * j) if steps - j <= j_choices else 0.0
 
 
+def rollout_calls(path, active: int) -> Calls:
+    """A FlowBP path's denoiser calls: the whole rollout without gradient, then each of `active` steps' velocities
+    again with it."""
+    return Calls(0, path.steps) + path.guided_calls(active, path.uncond_gradient)
+
+
 def check_pair_knobs(config, section: str) -> None:
     """The (k, j) knobs of `gradient_paths.<section>`, and a schedule long enough for a pair (FlowBP's min span 3,
     `rollout_window.py:49-97`)."""

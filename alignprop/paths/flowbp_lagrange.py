@@ -57,6 +57,7 @@ from alignprop.paths.flowbp_common import (
     lagrange_weights,
     rescale_factor,
     rollout,
+    rollout_calls,
     straight_through,
     uniform_weights,
 )
@@ -155,7 +156,7 @@ class FlowBPLagrange(GradientPath):
         # the whole rollout without gradient; v_k, v_j and each other active support's velocity with it (a
         # quadrature reuses its start's velocity)
         others = len(set(plan.active_kj) - {plan.k}) + len(set(plan.active_j0) - {plan.j})
-        return Calls(0, self.steps) + self.guided_calls(2 + others, self.uncond_gradient)
+        return rollout_calls(self, 2 + others)
 
     def expected_calls(self) -> Calls:
         return self.pairs.mean(self.steps, lambda k, j: self.denoiser_calls(self.plan(k, j)))

@@ -39,6 +39,7 @@ from alignprop.paths.flowbp_common import (
     grad_scale,
     rescale_factor,
     rollout,
+    rollout_calls,
     straight_through,
 )
 from alignprop.paths.step_draws import late_biased_count, late_biased_steps
@@ -89,14 +90,10 @@ class FlowBPSparse(GradientPath):
         return SparsePlan(flags(self.steps, set(active)), active)
 
     def denoiser_calls(self, plan) -> Calls:
-        return self.calls(len(plan.active))
+        return rollout_calls(self, len(plan.active))
 
     def expected_calls(self) -> Calls:
-        return self.calls(late_biased_count(self.steps, self.num_active_steps))
-
-    def calls(self, active: int) -> Calls:
-        """The whole rollout without gradient, then each active step's velocity again with it."""
-        return Calls(0, self.steps) + self.guided_calls(active, self.uncond_gradient)
+        return rollout_calls(self, late_biased_count(self.steps, self.num_active_steps))
 
     def draw(self, random, model, latents) -> SparsePlan:
         return self.plan(late_biased_steps(self.steps, self.num_active_steps, self.late_bias, random.plans))
