@@ -158,7 +158,7 @@ def hub_repo(source: str) -> str:
 
 
 def where(source: str) -> str:
-    return "local" if Path(source).expanduser().exists() else "hub cache"
+    return "hub cache" if hub_repo(source) else "local"
 
 
 def component_files(component: str, library: str) -> list[tuple[str, ...]]:
@@ -195,6 +195,11 @@ def pipeline_components(index: dict) -> dict[str, str]:
     }
 
 
+def pipeline_index(index_need: Need, source: str) -> dict | None:
+    """The model_index.json `index_need` found, else `known_index(source)` (None: neither is there)."""
+    return json.loads(index_need.path.read_text()) if index_need.present else known_index(source)
+
+
 def known_index(repo: str) -> dict | None:
     """A stand-in for the model_index.json of a preset's model not cached yet: the components its pipeline class
     takes. A feature extractor only with a safety checker (the SD1.x/2.x repositories carry one; the newer ones
@@ -223,7 +228,7 @@ def model_needs(model: str, revision: str, layout: str = "") -> list[Need]:
         found = path if path.suffix in SINGLE_FILE_SUFFIXES else None
         return [Need("model", f"{model} (single file)", found, "local"), *layout_needs(path, layout, revision)]
     needs = [first_found("model", model, ("model_index.json",), revision)]
-    index = json.loads(needs[0].path.read_text()) if needs[0].present else known_index(model)
+    index = pipeline_index(needs[0], model)
     if index is None:
         return needs  # the components are named by model_index.json
     for component, library in pipeline_components(index).items():
@@ -246,7 +251,7 @@ def layout_needs(path: Path, layout: str, revision: str) -> list[Need]:
             return [Need(what, f"(unknown: give {SINGLE_FILE_CONFIG_OPTION}=DIR)", None)]
     index_need = first_found(what, layout, ("model_index.json",), revision)
     needs = [replace(index_need, note=note + index_need.note)]
-    index = json.loads(index_need.path.read_text()) if index_need.present else known_index(layout)
+    index = pipeline_index(index_need, layout)
     if index is None:
         return needs
     for component, library in pipeline_components(index).items():

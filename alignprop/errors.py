@@ -15,6 +15,12 @@ def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
     return shorten(" ".join(repr(value.to_dict() if hasattr(value, "to_dict") else value).splitlines()), limit)
 
 
+def first_line(error: Exception, limit: int = 100) -> str:
+    """The error's type and the first line of its text, cut to `limit` characters (it may quote a long path)."""
+    text = str(error).strip().splitlines()
+    return shorten(f"{type(error).__name__}: {text[0] if text else ''}", limit)
+
+
 class UserError(Exception):
     """A problem with the user's input: main.py prints its message as one line and exits non-zero."""
 

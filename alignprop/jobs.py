@@ -143,8 +143,7 @@ def resumed_epochs(config) -> int:
 def evaluations_in_training(config, updates: int, first_update: int = 0) -> int:
     """How many evaluations a training run from `first_update` to `updates` makes (`train.Trainer.fit`): one before
     its first update, one after every `vis_freq`-th update, and one after the last if that was not one of them."""
-    every = config.vis_freq if config.visualize_eval else 0
-    due = lambda update: every > 0 and update % every == 0  # noqa: E731 (Trainer.eval_due)
+    due = lambda update: train.evaluation_due(config, update)  # noqa: E731
     return 1 + sum(due(update) for update in range(first_update + 1, updates + 1)) + (not due(updates))
 
 

@@ -24,7 +24,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 
 from alignprop import quantization
-from alignprop.errors import UserError, excerpt, shorten
+from alignprop.errors import UserError, excerpt, first_line
 from alignprop.families import Family, family_class
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,6 @@ def load_pipeline(
         components = {"vae": _load_vae(vae, dtype)} if vae else {}
         pipeline = _from_source(family, source, revision, dtype, components, layout, quantize)
     except (OSError, HFValidationError, ValueError, KeyError, json.JSONDecodeError, SingleFileComponentError) as error:
-        problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         if single_file and single_file_config and isinstance(error, OSError):
             hint = "pretrained.config needs model_index.json and each component's config (*.json, *.txt files)"
         elif single_file and single_file_config:
@@ -273,7 +272,7 @@ def load_pipeline(
             hint = f"give a diffusers directory of its family as {SINGLE_FILE_CONFIG_OPTION}=DIR"
         else:
             hint = "when offline, point --config.pretrained.model at a local diffusers directory"
-        raise UserError(f"cannot load model {excerpt(model)} ({shorten(problem, 100)}); {hint}") from None
+        raise UserError(f"cannot load model {excerpt(model)} ({first_line(error)}); {hint}") from None
     family(pipeline).prepare()
     return pipeline
 
@@ -286,9 +285,8 @@ def _load_vae(source: str, dtype: torch.dtype):
     try:
         return AutoencoderKL.from_pretrained(source, dtype=dtype)
     except (OSError, HFValidationError, ValueError, KeyError, json.JSONDecodeError) as error:
-        problem = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
         raise UserError(
-            f"cannot load pretrained.vae {excerpt(source)} ({shorten(problem, 80)}); give a hub id (cached when "
+            f"cannot load pretrained.vae {excerpt(source)} ({first_line(error, 80)}); give a hub id (cached when "
             "offline) or a local AutoencoderKL directory, or leave it empty"
         ) from None
 

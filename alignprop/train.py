@@ -380,8 +380,7 @@ class Trainer:
         return self.average.applied() if self.average is not None else contextlib.nullcontext()
 
     def eval_due(self) -> bool:
-        config = self.config
-        return config.visualize_eval and config.vis_freq > 0 and self.update % config.vis_freq == 0
+        return evaluation_due(self.config, self.update)
 
     def reseed_training_noise(self) -> None:
         """original_training_noise: the original's evaluation (same_evaluation) reseeded the generator its training
@@ -600,3 +599,8 @@ class Trainer:
 
 def train(config, batches: BatchPlan, run_dir: Path, session: Session | None = None) -> tuple[EvalResult, EvalResult]:
     return Trainer(config, batches, run_dir, session).fit()
+
+
+def evaluation_due(config, update: int) -> bool:
+    """Whether training evaluates after `update` (every `vis_freq`-th, when in-loop evaluation is on)."""
+    return config.visualize_eval and config.vis_freq > 0 and update % config.vis_freq == 0

@@ -1,5 +1,7 @@
 """Loading through the real loader: round trip, freezing, dtypes, LoRA, and clear errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
@@ -93,3 +95,15 @@ def test_bad_lora_targets_are_a_user_error(tiny_dir):
     pipeline = models.load_pipeline(str(tiny_dir))
     with pytest.raises(UserError, match="LoRA"):
         add_lora(pipeline.unet, rank=4, alpha=4, target_modules=("no_such_layer",))
+
+
+def test_the_short_names_family_table_is_what_each_short_name_loads():
+    """models.SHORT_NAME_FAMILIES (what the dry run says before loading) against each model's model_index.json."""
+    import json
+
+    from alignprop.families import family_class
+
+    assert set(models.SHORT_NAME_FAMILIES) == set(models.SHORT_NAMES)
+    for name, family in models.SHORT_NAME_FAMILIES.items():
+        index = json.loads((Path(models.resolve_model_source(name)) / "model_index.json").read_text())
+        assert family_class(index["_class_name"]).name == family, name

@@ -19,17 +19,23 @@ def hub_cache(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
     cache = tmp_path / "hub"
-    snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / "abc123"
-    shutil.copytree(pipeline_dir(), snapshot)
-    (cache / f"models--{REPO.replace('/', '--')}" / "refs").mkdir()
-    (cache / f"models--{REPO.replace('/', '--')}" / "refs" / "main").write_text("abc123")
+    snapshot = main_snapshot(cache, REPO)
+    shutil.copytree(pipeline_dir(), snapshot, dirs_exist_ok=True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     return snapshot
 
 
-def hub_config(preset, tmp_path):
-    config = preset("tiny")
-    config.pretrained.model = REPO
+def main_snapshot(cache, repo: str):
+    """The folder of `repo`'s one snapshot in a hub cache, its main branch pointing at it."""
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs" / "main").write_text("abc123")
+    return repo_dir / "snapshots" / "abc123"
+
+
+def hub_config(preset, tmp_path, name: str = "tiny", repo: str = REPO):
+    config = preset(name)
+    config.pretrained.model = repo
     config.logdir = str(tmp_path / "logs")
     return config
 
@@ -130,21 +136,15 @@ def flux_remote(tmp_path):
 
 
 def flux_config(preset, tmp_path):
-    config = preset("tiny_flow")
-    config.pretrained.model = FLUX_REPO
-    config.logdir = str(tmp_path / "logs")
-    return config
+    return hub_config(preset, tmp_path, "tiny_flow", FLUX_REPO)
 
 
 def cache_files(remote, cache, files) -> None:
     """Put `files` of `remote` into the hub cache as hf download would (one snapshot of the main branch)."""
-    repo_dir = cache / f"models--{FLUX_REPO.replace('/', '--')}"
+    snapshot = main_snapshot(cache, FLUX_REPO)
     for name in files:
-        target = repo_dir / "snapshots" / "abc123" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(remote / name, target)
-    (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-    (repo_dir / "refs" / "main").write_text("abc123")
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(remote / name, snapshot / name)
 
 
 def parsed_include(command: str, monkeypatch) -> tuple[str, list[str]]:

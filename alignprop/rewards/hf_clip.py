@@ -13,7 +13,7 @@ import torch
 import transformers
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from alignprop.errors import UserError, excerpt, shorten
+from alignprop.errors import UserError, excerpt, first_line
 from alignprop.rewards.loading import pretrained_source
 from alignprop.rewards.preprocess import ImageSpec, prepare
 
@@ -30,12 +30,6 @@ def quiet_transformers():
         yield
     finally:
         transformers.logging.set_verbosity(verbosity)
-
-
-def first_line(error: Exception, limit: int = 100) -> str:
-    """The error's type and the first line of its text, cut to `limit` characters (it may quote a long path)."""
-    text = str(error).strip().splitlines()
-    return shorten(f"{type(error).__name__}: {text[0] if text else ''}", limit)
 
 
 def load_pretrained(model_class, source: str, option: str, dtype: torch.dtype):

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-from alignprop.errors import UserError
+from alignprop.errors import UserError, first_line
 from alignprop.rewards.base import Reward, RewardResult
-from alignprop.rewards.hf_clip import first_line, quiet_transformers
+from alignprop.rewards.hf_clip import quiet_transformers
 from alignprop.rewards.loading import extract_state_dict, load_tensor_file, pretrained_source, resolve_file
 from alignprop.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageSpec, prepare
 from alignprop.rewards.registry import RewardSettings, register
